@@ -1,0 +1,50 @@
+# Everything runs from the project's own virtualenv, created by `make install`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+DIR ?= weights
+PORT ?= 5000
+TINY := .tiny-weights
+
+.PHONY: install demo test serve tiny-weights schema lint bench clean
+
+# Idempotent: re-running only installs what changed (the stamp follows pyproject.toml).
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python scripts/requirements.py --dev > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet -r $(VENV)/requirements.txt
+	@touch $@
+
+# A one-shot `cog predict` on the tiny random weights: writes output.0.webp.
+demo: install $(TINY)/FLUX.1-dev
+	FLUX_WEIGHTS_DIR=$(TINY) $(BIN)/python scripts/cog_predict.py \
+		-i prompt="an ascii art cat" -i num_inference_steps=4 -i aspect_ratio=custom -i width=256 -i height=256
+
+$(TINY)/FLUX.1-dev:
+	$(BIN)/python scripts/tiny_weights.py $(TINY)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/gen_schema.py --check
+	$(BIN)/python -m pytest -q
+
+# The real Cog HTTP server, as the container runs it, on the weights in FLUX_WEIGHTS_DIR.
+serve: install
+	COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http
+
+tiny-weights: install
+	$(BIN)/python scripts/tiny_weights.py $(DIR)
+
+schema: install
+	$(BIN)/python scripts/gen_schema.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(TINY) .pytest_cache .ruff_cache
