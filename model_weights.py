@@ -10,8 +10,9 @@ repos it comes from:
     lora.safetensors     the trained fine-tune (optional: without it the model is plain FLUX)
 
 A missing part is downloaded with huggingface_hub (HF_ENDPOINT and HF_TOKEN are honoured, progress
-goes to the logs) into `<part>.partial/`, where an interrupted download resumes, and is renamed to
-its final name only when complete: a part that exists is a part that is whole.
+goes to the logs) into `<part>.partial/`, where an interrupted download resumes (file by file: the
+files already there are kept), and is renamed to its final name only when every file of the repo's
+commit that the part wants is there: a part that exists is a part that is whole.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def download(part: Part, root: Path) -> None:
     from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
     from huggingface_hub.utils import filter_repo_objects
 
-    target, partial = root / part.name, root / part.name
+    target, partial = root / part.name, root / f"{part.name}.partial"
     hint = (
         f"Put it in {target} (for tests: `make tiny-weights DIR={root}`), "
         f"or allow access to {constants.ENDPOINT} (HF_ENDPOINT) with HF_TOKEN set if the repo is gated."
@@ -122,22 +123,31 @@ def download(part: Part, root: Path) -> None:
         listed = [file.path for file in get_cached_repo_tree(part.repo_id, revision=commit, local_dir=partial)]
     except Exception as error:
         logger.exception("download of %s failed", part.name)
-        reason = " ".join(str(error).split())[:200]
         raise RuntimeError(
-            f"weights part {part.name} is missing from {root} and could not be downloaded "
-            f"({type(error).__name__}: {reason}). {hint}"
+            f"weights part {part.name} is missing from {root} and could not be downloaded ({_reason(error)}). {hint}"
         ) from None
     wanted = [*filter_repo_objects(listed, allow_patterns=list(part.patterns)), *part.required]
     missing = sorted({file for file in wanted if not (partial / file).is_file()})
     if missing:
         raise RuntimeError(
-            f"the download of {part.repo_id} into {partial} lacks {', '.join(missing)}. {hint}"
+            f"weights part {part.name} is missing from {root}: the download from {part.repo_id} "
+            f"lacks {', '.join(missing)}. {hint}"
         )
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping
-    if False:  # folder someone left: replace it whole
+    if target.exists():  # an incomplete folder someone left: replace it whole
         shutil.rmtree(target)
-    pass
+    partial.rename(target)
     logger.info("weights part %s ready", part.name)
+
+
+def _reason(error: Exception) -> str:
+    """Why a download failed, in one short line: the hub's own words when it answered."""
+    response = getattr(error, "response", None)
+    if response is not None and getattr(error, "server_message", None):
+        detail = f"HTTP {response.status_code}: {error.server_message}"
+    else:
+        detail = str(error)
+    return f"{type(error).__name__}: {' '.join(detail.split())[:300]}"
 
 
 def main_lora(root: Path | None = None) -> Path | None:
