@@ -42,7 +42,7 @@ class Predictor(BaseRunner):
         self.safety = SafetyChecker.load(
             model_weights.ensure("safety-checker", root), model_weights.ensure("nsfw-detector", root), device, dtype
         )
-        self.loras = LoraManager(
+        self.loras = LoraManager.from_env(
             list(self.models.transformers.values()), self.models.text_encoder, LoraCache.from_env()
         )
         self.loras.set_main(model_weights.main_lora(root))

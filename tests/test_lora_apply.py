@@ -1,0 +1,391 @@
+"""Applying LoRAs: exactly base + s·ΔW once, signed and linear, main + extra, exact restore after every
+failure, and no download or reload for a LoRA already in use or in the caches. Image-level checks run
+a real FluxPipeline on the tiny weights tree."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lora_fixtures as fx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_loader
+from lora_loader import LoraManager
+from lora_sources import LoraCache
+
+MAX_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def tree(tiny_weights):
+    """The tiny weights tree (conftest builds it once per session)."""
+    return Path(tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = fx.FakeHub()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_ALLOW_PRIVATE_URLS", "1")
+        mp.setenv("LORA_DOWNLOAD_TIMEOUT", "0.5")
+        for name in ("HF_ENDPOINT", "REPLICATE_ENDPOINT", "CIVITAI_ENDPOINT"):
+            mp.setenv(name, server.url)
+        yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def setup(tree, hub, tmp_path_factory):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    pipe = FluxPipeline.from_pretrained(tree / "FLUX.1-dev")
+    reference = FluxPipeline.from_pretrained(tree / "FLUX.1-dev")  # never gets adapters
+    schnell = FluxTransformer2DModel.from_pretrained(tree / "FLUX.1-schnell" / "transformer")
+    base = {
+        "dev": {
+            n: m.weight.double().clone() for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)
+        },
+        "schnell": {n: m.weight.double().clone() for n, m in schnell.named_modules() if isinstance(m, torch.nn.Linear)},
+        "clip": {
+            n: m.weight.double().clone() for n, m in pipe.text_encoder.named_modules() if isinstance(m, torch.nn.Linear)
+        },
+    }
+    cache = LoraCache(tmp_path_factory.mktemp("cache"), 1 << 30)
+    manager = LoraManager([pipe.transformer, schnell], pipe.text_encoder, cache, max_rank=MAX_RANK)
+    manager.set_main(tree / "lora.safetensors")
+    main = load_file(tree / "lora.safetensors")
+    main_delta = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): main[k.replace("lora_A", "lora_B")].double()
+        @ main[k].double()
+        for k in main
+        if k.endswith("lora_A.weight")
+    }
+    files = tmp_path_factory.mktemp("loras")
+    extra = fx.bfl_family(pipe.transformer, style="kohya", clip=pipe.text_encoder, seed=3)
+    hub.add("/extra/kohya.safetensors", extra.to_bytes())
+    other = fx.diffusers_peft(pipe.transformer, seed=4)
+    hub.add("/extra/other.safetensors", other.to_bytes())
+    yield {
+        "pipe": pipe,
+        "reference": reference,
+        "schnell": schnell,
+        "base": base,
+        "manager": manager,
+        "cache": cache,
+        "main_delta": main_delta,
+        "extra": extra,
+        "extra_url": f"{hub.url}/extra/kohya.safetensors",
+        "other_url": f"{hub.url}/extra/other.safetensors",
+        "files": files,
+        "tree": tree,
+    }
+    manager.reset()
+
+
+def image(pipe, prompt="a cat", seed=0) -> np.ndarray:
+    return pipe(
+        prompt,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
+def check(model, base, deltas: list[tuple[float, dict]], component: str = "transformer"):
+    """Every layer of `model` computes base + Σ s·ΔW (float tolerance)."""
+    for name, weight in fx.effective_weights(model).items():
+        expected = base[name].clone()
+        for scale, delta in deltas:
+            d = delta.get(name, delta.get(f"{component}.{name}"))
+            if d is not None:
+                expected += scale * d
+        torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def slot_snapshot(manager) -> dict:
+    state = {}
+    for key, layers in manager._layers.items():
+        for name, layer in layers.items():
+            for slot in lora_loader.SLOTS:
+                state[(key, name, slot)] = (layer.lora_A[slot].weight.clone(), layer.lora_B[slot].weight.clone())
+            state[(key, name, "enabled")] = not layer.disable_adapters
+    return state
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        (x == y) if isinstance(x, bool) else (torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]))
+        for x, y in ((a[k], b[k]) for k in a)
+    )
+
+
+# ---------------------------------------------------------------- exactness
+
+
+def test_scale_zero_and_no_lora_give_the_base_image_bit_for_bit(setup):
+    s = setup
+    expected = image(s["reference"])
+    s["manager"].apply(s["pipe"].transformer, 0.0, None, 0.0)
+    assert np.array_equal(image(s["pipe"]), expected)
+    s["manager"].apply(s["pipe"].transformer, 0.0, s["extra_url"], 0.0)
+    assert np.array_equal(image(s["pipe"]), expected)
+    s["manager"].apply(s["pipe"].transformer, 1.0, None, 0.0)
+    assert not np.array_equal(image(s["pipe"]), expected)
+    s["manager"].reset()
+    assert np.array_equal(image(s["pipe"]), expected)
+
+
+def test_scale_is_applied_once_linear_and_signed(setup):
+    s = setup
+    for scale in (1.0, 0.5, -1.0, 2.5, -0.3):
+        s["manager"].apply(s["pipe"].transformer, scale, None, 0.0)
+        check(s["pipe"].transformer, s["base"]["dev"], [(scale, s["main_delta"])])
+    # and the transformer's output moves linearly with the scale
+    t = s["pipe"].transformer
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1)),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(2)),
+        pooled_projections=torch.randn(1, 32, generator=torch.Generator().manual_seed(3)),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([3.5]),
+    )
+    outputs = {}
+    with torch.no_grad():
+        for scale in (0.0, 1.0, -1.0):
+            s["manager"].apply(t, scale, None, 0.0)
+            outputs[scale] = t(**inputs).sample
+    assert not torch.equal(outputs[1.0], outputs[0.0])
+    assert not torch.allclose(outputs[1.0], outputs[-1.0])
+    s["manager"].reset()
+
+
+def test_main_and_extra_add_both_deltas_including_clip(setup):
+    s = setup
+    m = s["manager"]
+    m.apply(s["pipe"].transformer, 0.8, s["extra_url"], -0.6)
+    check(s["pipe"].transformer, s["base"]["dev"], [(0.8, s["main_delta"]), (-0.6, s["extra"].deltas)])
+    check(s["pipe"].text_encoder, s["base"]["clip"], [(-0.6, s["extra"].deltas)], component="text_encoder")
+    check(s["schnell"], s["base"]["schnell"], [])  # the other transformer gets nothing
+    m.reset()
+
+
+def test_main_lora_applies_to_schnell_too(setup):
+    s = setup
+    s["manager"].apply(s["schnell"], 1.0, None, 0.0)
+    check(s["schnell"], s["base"]["schnell"], [(1.0, s["main_delta"])])
+    check(s["pipe"].transformer, s["base"]["dev"], [])
+    assert all(layer.disable_adapters for layer in s["manager"]._layers[id(s["pipe"].transformer)].values())
+    s["manager"].reset()
+
+
+def test_an_extra_identical_to_the_main_is_applied_once(setup):
+    s = setup
+    copy = s["files"] / "same_as_main.safetensors"
+    shutil.copy(s["tree"] / "lora.safetensors", copy)
+    s["manager"].apply(s["pipe"].transformer, 0.7, str(copy), 1.0)
+    check(s["pipe"].transformer, s["base"]["dev"], [(0.7, s["main_delta"])])
+    s["manager"].reset()
+
+
+def test_without_a_main_lora(setup):
+    s = setup
+    m = LoraManager([fx_transformer()], None, s["cache"], max_rank=MAX_RANK)
+    m.set_main(None)
+    t = m.transformers[0]
+    base = {n: w.double() for n, w in _base_weights(t).items()}
+    m.apply(t, 1.0, s["other_url"], 0.5)
+    other = load_file(s["cache"].fetch(s["other_url"]))
+    delta = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): other[k.replace("lora_A", "lora_B")].double()
+        @ other[k].double()
+        for k in other
+        if k.endswith("lora_A.weight")
+    }
+    check(t, base, [(0.5, delta)])
+
+
+def fx_transformer():
+    from scripts import tiny_weights as tw
+
+    return tw.flux_transformer(True, 0)
+
+
+def _base_weights(model):
+    return {
+        n: m.get_base_layer().weight
+        for n, m in model.named_modules()
+        if hasattr(m, "get_base_layer")
+        and isinstance(m.get_base_layer(), torch.nn.Linear)
+        and n
+        and not n.endswith("base_layer")
+    }
+
+
+# ---------------------------------------------------------------- failures leave the model exact
+
+
+def test_a_failing_extra_lora_leaves_the_model_bit_for_bit(setup, hub):
+    s = setup
+    m = s["manager"]
+    wrong_arch = fx.diffusers_peft(_other_width_transformer())
+    hub.add("/bad/arch.safetensors", wrong_arch.to_bytes())
+    hub.add("/bad/html.safetensors", fx.HTML_ERROR)
+    hub.add("/bad/slow.safetensors", b"", delay=1.0)
+    big_rank = fx.diffusers_peft(s["pipe"].transformer, rank=MAX_RANK * 2)
+    hub.add("/bad/rank.safetensors", big_rank.to_bytes())
+    nothing = {
+        "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 3),
+        "lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(3, 2),
+    }
+    from safetensors.torch import save
+
+    hub.add("/bad/sd15.safetensors", save(nothing))
+    failures = {
+        f"{hub.url}/bad/missing.safetensors": "404",
+        f"{hub.url}/bad/html.safetensors": "HTML page",
+        f"{hub.url}/bad/slow.safetensors": "timed out",
+        f"{hub.url}/bad/arch.safetensors": "another model or size",
+        f"{hub.url}/bad/rank.safetensors": "LORA_MAX_RANK",
+        f"{hub.url}/bad/sd15.safetensors": "matches no layer",
+        "not a lora source": "Unsupported LoRA source",
+    }
+    m.apply(s["pipe"].transformer, 0.8, s["extra_url"], 0.5)
+    before_image = image(s["pipe"])
+    before = slot_snapshot(m)
+    for source, message in failures.items():
+        with pytest.raises(ValueError, match=message):
+            m.apply(s["pipe"].transformer, 0.8, source, 0.5)
+        assert same_state(slot_snapshot(m), before), source
+    assert np.array_equal(image(s["pipe"]), before_image)
+    # and from the base model too
+    m.reset()
+    base_image = image(s["reference"])
+    with pytest.raises(ValueError):
+        m.apply(s["pipe"].transformer, 1.0, f"{hub.url}/bad/missing.safetensors", 1.0)
+    assert np.array_equal(image(s["pipe"]), base_image)
+
+
+def test_an_interrupted_apply_falls_back_to_the_exact_base(setup, monkeypatch):
+    s = setup
+    m = s["manager"]
+    real_fill = m._fill
+    calls = []
+
+    class Cancelled(BaseException):  # what coglet raises on cancel is a BaseException too
+        pass
+
+    def failing_fill(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise Cancelled
+        return real_fill(*args)
+
+    monkeypatch.setattr(m, "_fill", failing_fill)
+    with pytest.raises(Cancelled):
+        m.apply(s["pipe"].transformer, 1.0, s["extra_url"], 1.0)
+    monkeypatch.undo()
+    check(s["pipe"].transformer, s["base"]["dev"], [])
+    check(s["pipe"].text_encoder, s["base"]["clip"], [], component="text_encoder")
+    assert np.array_equal(image(s["pipe"]), image(s["reference"]))
+    m.apply(s["pipe"].transformer, 1.0, s["extra_url"], 1.0)  # and the next request is whole
+    check(s["pipe"].transformer, s["base"]["dev"], [(1.0, s["main_delta"]), (1.0, s["extra"].deltas)])
+    m.reset()
+
+
+def _other_width_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+
+
+# ---------------------------------------------------------------- reuse costs nothing
+
+
+def test_reuse_does_no_download_and_no_reload(setup, hub, monkeypatch):
+    s = setup
+    m, cache = s["manager"], s["cache"]
+    parses = []
+    real_parse = lora_loader.parse_lora
+    monkeypatch.setattr(lora_loader, "parse_lora", lambda *a, **k: parses.append(a[1]) or real_parse(*a, **k))
+    fills = []
+    real_fill = m._fill
+    monkeypatch.setattr(m, "_fill", lambda *a: fills.append(a) or real_fill(*a))
+    m.reset()
+    t = s["pipe"].transformer
+    m.apply(t, 1.0, s["other_url"], 0.7)
+    downloads, hits = cache.downloads, hub.hits("/extra/other.safetensors")
+    n_fills = len(fills)
+    m.apply(t, 1.0, s["other_url"], 0.7)  # the same set: nothing at all
+    assert len(fills) == n_fills and cache.downloads == downloads
+    m.apply(t, 1.0, s["extra_url"], 0.7)
+    m.apply(t, 1.0, s["other_url"], 0.7)  # back to a LoRA in the caches: no download, no parse
+    assert hub.hits("/extra/other.safetensors") == hits
+    assert parses.count(parses[0]) == 1 if parses else True
+    assert len(parses) <= 2  # each extra parsed at most once, ever
+    check(t, s["base"]["dev"], [(1.0, s["main_delta"]), (0.7, _deltas(cache.fetch(s["other_url"])))])
+    m.reset()
+
+
+def _deltas(path):
+    sd = load_file(path)
+    return {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): sd[k.replace("lora_A", "lora_B")].double()
+        @ sd[k].double()
+        for k in sd
+        if k.endswith("lora_A.weight")
+    }
+
+
+def test_parsed_loras_in_memory_are_bounded(setup):
+    s = setup
+    m = LoraManager([fx_transformer()], None, s["cache"], max_rank=MAX_RANK, memory_bytes=1)
+    t = m.transformers[0]
+    m.apply(t, 0.0, s["other_url"], 1.0)
+    m.apply(t, 0.0, s["extra_url"], 1.0)
+    assert len(m._memory) == 1  # the newest stays, older ones go once over the bound
+
+
+def test_every_source_kind_applies_the_same_delta(setup, hub):
+    """One LoRA served as Replicate, Hugging Face, CivitAI, a URL and a local file: same ΔW, same image."""
+    s = setup
+    data = s["extra"].to_bytes()
+    local = s["files"] / "local_kohya.safetensors"
+    local.write_bytes(data)
+    hub.replicate_model("someone/style", data)
+    hub.hf_repo("someone/style", {"README.md": b"#", "lora.safetensors": data})
+    hub.civitai_model(77, [(770, data)])
+    sources = [
+        "someone/style",
+        "https://huggingface.co/someone/style",
+        "https://civitai.com/models/77/style",
+        s["extra_url"],
+        str(local),
+    ]
+    images = []
+    for source in sources:
+        s["manager"].apply(s["pipe"].transformer, 0.0, source, 0.9)
+        check(s["pipe"].transformer, s["base"]["dev"], [(0.9, s["extra"].deltas)])
+        check(s["pipe"].text_encoder, s["base"]["clip"], [(0.9, s["extra"].deltas)], component="text_encoder")
+        images.append(image(s["pipe"]))
+    assert all(np.array_equal(images[0], other) for other in images[1:])
+    assert not np.array_equal(images[0], image(s["reference"]))
+    s["manager"].reset()
