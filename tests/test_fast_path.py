@@ -1,0 +1,205 @@
+"""fast_path: what can be checked without a GPU, on a tiny FLUX pipeline built in code.
+
+The real-scale numbers (H100) come from bench/gpu_bench.py and are in bench/GPU.md; the GPU tests
+at the bottom run only where CUDA is available.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fast_path
+
+ROOT = Path(__file__).resolve().parent.parent
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v")
+
+
+def tiny_pipe(device="cpu", dtype=torch.float32):
+    """FACTS.md's tiny FLUX (1 double + 1 single block), without text encoders."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def random_lora(transformer, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in transformer.named_modules():
+        if not name.endswith(LORA_TARGETS) or ".lora_" in name or ".base_layer" in name:
+            continue
+        base = getattr(module, "base_layer", module)
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, base.in_features, generator=generator)
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(base.out_features, rank, generator=generator)
+    return state
+
+
+def lora_layers(transformer):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+
+
+def test_import_has_no_side_effects():
+    # A fresh interpreter: torchao is not imported, torch's compile settings are untouched, and
+    # nothing is printed or logged.
+    code = (
+        "import sys, logging, torch\n"
+        "duck = torch.fx.experimental._config.use_duck_shape\n"
+        "handlers = list(logging.getLogger().handlers)\n"
+        "import fast_path\n"
+        "assert 'torchao' not in sys.modules, 'torchao imported'\n"
+        "assert torch.fx.experimental._config.use_duck_shape == duck\n"
+        "assert logging.getLogger().handlers == handlers\n"
+        "assert logging.getLogger('fast_path').level == logging.NOTSET\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+
+
+def test_public_api_signatures():
+    import inspect
+
+    assert str(inspect.signature(fast_path.optimize_pipeline)) == (
+        "(pipe, *, fp8: 'bool' = False, compile: 'bool' = True) -> 'None'"
+    )
+    assert str(inspect.signature(fast_path.warmup)) == (
+        "(pipe, sizes: 'list[tuple[int, int]]', steps: 'int' = 2, batch_sizes: 'tuple[int, ...]' = (1, 2)) -> 'None'"
+    )
+    assert str(inspect.signature(fast_path.prepare_lora_hotswap)) == "(pipe, max_rank: 'int') -> 'None'"
+
+
+def test_optimize_pipeline_is_a_logged_no_op_on_cpu(caplog):
+    pipe = tiny_pipe()
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="fast_path"):
+        fast_path.optimize_pipeline(pipe, fp8=True, compile=True)
+    assert "fast path skipped" in caplog.text
+    # nothing compiled, quantized or converted
+    for module in list(pipe.transformer.modules()) + [pipe.vae.decoder]:
+        assert getattr(module, "_compiled_call_impl", None) is None
+    after = pipe.transformer.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous()  # not channels_last
+
+
+def test_warmup_runs_without_text_encoders(caplog):
+    # The benchmark's pipelines have no text encoders: warmup makes random embeddings of the
+    # transformer's shapes. (On CPU nothing is compiled; this checks the calls are right.)
+    pipe = tiny_pipe()
+    with caplog.at_level(logging.INFO, logger="fast_path"):
+        fast_path.warmup(pipe, [(64, 48), (48, 64)], steps=1)
+    assert caplog.text.count("warm-up") == 4  # each size at batch 1 and 2
+    assert "64x48 ×1" in caplog.text and "48x64 ×2" in caplog.text
+    fast_path.warmup(pipe, [])  # nothing to do
+
+
+def test_prepare_lora_hotswap_pads_and_swaps_ranks():
+    pipe = tiny_pipe()
+    fast_path.prepare_lora_hotswap(pipe, max_rank=8)
+    pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
+    layers = lora_layers(pipe.transformer)
+    assert len(layers) == 6  # to_q/k/v of the double block and of the single block
+    for layer in layers:
+        assert layer.lora_A["style"].weight.shape[0] == 8  # padded to max_rank
+        assert layer.lora_B["style"].weight.shape[1] == 8
+        assert isinstance(layer.scaling["style"], torch.Tensor)  # changeable without recompiling
+    # a LoRA of another rank swaps in place: same parameter objects, new values
+    a_param = layers[0].lora_A["style"].weight
+    new = random_lora(pipe.transformer, 2, seed=2)
+    pipe.load_lora_weights(new, adapter_name="style", hotswap=True)
+    assert layers[0].lora_A["style"].weight is a_param
+    key = next(k for k in new if k.endswith("lora_A.weight"))
+    module = pipe.transformer.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
+    weight = module.lora_A["style"].weight
+    assert torch.equal(weight[:2], new[key])
+    assert torch.count_nonzero(weight[2:]) == 0
+
+
+def test_prepare_lora_hotswap_must_come_before_the_first_lora():
+    pipe = tiny_pipe()
+    pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
+    with pytest.raises(RuntimeError, match="before loading the first adapter"):
+        fast_path.prepare_lora_hotswap(pipe, max_rank=8)
+
+
+def test_fp8_filter_takes_block_linears_but_never_lora_or_embedders():
+    pipe = tiny_pipe()
+    pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
+    chosen = [fqn for fqn, module in pipe.transformer.named_modules() if fast_path._is_block_linear(module, fqn)]
+    assert "transformer_blocks.0.attn.to_q.base_layer" in chosen
+    assert "single_transformer_blocks.0.proj_out" in chosen
+    assert not [fqn for fqn in chosen if ".lora_" in fqn]
+    assert not [fqn for fqn in chosen if not fqn.startswith(("transformer_blocks.", "single_"))]
+    assert "x_embedder" not in chosen and "proj_out" not in chosen
+
+
+def test_fp8_is_refused_off_cuda():
+    assert "not CUDA" in fast_path._fp8_unavailable_reason(torch.device("cpu"))
+
+
+def test_attention_backend_falls_back_to_native():
+    # flash-attention 3 is not installed here, so the first usable preference is PyTorch's SDPA.
+    pipe = tiny_pipe()
+    assert fast_path._set_attention_backend(pipe.transformer) == "native"
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_pipeline_serves_sizes_and_hotswaps_without_recompiling():
+    pipe = tiny_pipe("cuda", torch.bfloat16)
+    fast_path.prepare_lora_hotswap(pipe, max_rank=8)
+    pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
+    fast_path.optimize_pipeline(pipe)
+    fast_path.warmup(pipe, [(96, 96)], steps=2)
+    graphs = fast_path._compiled_graph_count()
+    fast_path.warmup(pipe, [(160, 96), (96, 160)], steps=2)
+    pipe.load_lora_weights(random_lora(pipe.transformer, 2, seed=2), adapter_name="style", hotswap=True)
+    fast_path.warmup(pipe, [(96, 96)], steps=2)
+    assert fast_path._compiled_graph_count() == graphs
