@@ -42,6 +42,10 @@ tiny-weights: install
 schema: install
 	$(BIN)/python scripts/gen_schema.py
 
+# CPU benchmarks: ratios against baselines run side by side (bench/README.md); GPU ones: bench/GPU.md.
+bench: install
+	$(BIN)/python bench/run.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
