@@ -43,7 +43,8 @@ SENTENCES = [
 ]
 
 
-def flux_transformer(guidance_embeds: bool, seed: int):
+def flux_transformer(guidance_embeds: bool, seed: int, heads: int = HEADS):
+    """The tiny FLUX transformer; another `heads` gives the same layer names at another width."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -53,7 +54,7 @@ def flux_transformer(guidance_embeds: bool, seed: int):
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=HEAD_DIM,
-        num_attention_heads=HEADS,
+        num_attention_heads=heads,
         joint_attention_dim=HIDDEN,
         pooled_projection_dim=HIDDEN,
         axes_dims_rope=[4, 4, 8],

@@ -28,8 +28,14 @@ def fields(path: Path = SEED) -> dict[str, dict]:
     for start, end in zip(starts, [*starts[1:], len(lines)], strict=True):
         name, kind_line, *middle, description = lines[start:end]
         kind, enum = TYPE_LINE.match(kind_line).groups()
-        field = {"type": kind, "enum": None, "default": None, "minimum": None, "maximum": None,
-                 "description": description}
+        field = {
+            "type": kind,
+            "enum": None,
+            "default": None,
+            "minimum": None,
+            "maximum": None,
+            "description": description,
+        }
         rest = iter(middle)
         for line in rest:
             if line == "Options:":

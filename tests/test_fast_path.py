@@ -21,38 +21,16 @@ LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v")
 
 
 def tiny_pipe(device="cpu", dtype=torch.float32):
-    """FACTS.md's tiny FLUX (1 double + 1 single block), without text encoders."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    """The tiny FLUX of scripts/tiny_weights.py (1 double + 1 single block), without text encoders."""
+    from diffusers import FluxPipeline
 
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,
-    )
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 8, 8],
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
+    from scripts.tiny_weights import flux_scheduler, flux_transformer, flux_vae
+
+    transformer, vae = flux_transformer(guidance_embeds=True, seed=0), flux_vae()
     pipe = FluxPipeline(
-        transformer=transformer.eval(),
-        vae=vae.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=transformer,
+        vae=vae,
+        scheduler=flux_scheduler(dynamic_shifting=True),
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,

@@ -302,19 +302,9 @@ def test_an_interrupted_apply_falls_back_to_the_exact_base(setup, monkeypatch):
 
 
 def _other_width_transformer():
-    from diffusers import FluxTransformer2DModel
+    from scripts.tiny_weights import flux_transformer
 
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-    )
+    return flux_transformer(guidance_embeds=False, seed=0, heads=3)
 
 
 # ---------------------------------------------------------------- reuse costs nothing

@@ -158,19 +158,9 @@ def test_lora_for_another_model_matches_nothing(tiny, tmp_path):
 def test_wrong_width_is_an_error(tiny, tmp_path):
     manager, *_ = tiny
     # a LoRA for a transformer of another width: same names, other shapes
-    from diffusers import FluxTransformer2DModel
+    from scripts.tiny_weights import flux_transformer
 
-    other = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-    )
+    other = flux_transformer(guidance_embeds=False, seed=0, heads=3)
     for fmt in ("diffusers", "kohya"):
         path = fx.FORMATS[fmt](other).write(tmp_path / f"{fmt}.safetensors")
         with pytest.raises(ValueError, match="another model or size"):

@@ -129,17 +129,20 @@ def test_out_of_range_seed_is_a_clear_error(run):
 
 def test_schnell_differs_from_dev(run):
     dev = pixels(run(prompt="a cat", model="dev", seed=5, num_inference_steps=4, output_format="png", **_no_steps())[0])
-    schnell = pixels(run(prompt="a cat", model="schnell", seed=5, num_inference_steps=4, output_format="png",
-                         **_no_steps())[0])
+    schnell = pixels(
+        run(prompt="a cat", model="schnell", seed=5, num_inference_steps=4, output_format="png", **_no_steps())[0]
+    )
     assert np.abs(dev - schnell).mean() > 5
 
 
 def test_schnell_caps_steps_at_four(run, caplog):
     with caplog.at_level(logging.INFO):
-        capped = run(prompt="a cat", model="schnell", seed=5, num_inference_steps=28, output_format="png",
-                     **_no_steps())[0].read_bytes()
-    four = run(prompt="a cat", model="schnell", seed=5, num_inference_steps=4, output_format="png",
-               **_no_steps())[0].read_bytes()
+        capped = run(
+            prompt="a cat", model="schnell", seed=5, num_inference_steps=28, output_format="png", **_no_steps()
+        )[0].read_bytes()
+    four = run(prompt="a cat", model="schnell", seed=5, num_inference_steps=4, output_format="png", **_no_steps())[
+        0
+    ].read_bytes()
     assert capped == four
     assert "at most 4 steps" in caplog.text
 
@@ -180,10 +183,13 @@ def test_img2img_uses_the_image_and_prompt_strength(run, tmp_path):
     red = write_image(tmp_path / "red.png", color=(255, 0, 0))
     blue = write_image(tmp_path / "blue.png", color=(0, 0, 255))
     kw = {"prompt": "a cat", "num_inference_steps": 4, "seed": 1, "output_format": "png"}
+
     # A partial strength keeps information from the image; strength 1 destroys all of it.
     def difference(strength):
-        return np.abs(pixels(run(image=red, prompt_strength=strength, **kw)[0])
-                      - pixels(run(image=blue, prompt_strength=strength, **kw)[0])).mean()
+        return np.abs(
+            pixels(run(image=red, prompt_strength=strength, **kw)[0])
+            - pixels(run(image=blue, prompt_strength=strength, **kw)[0])
+        ).mean()
 
     assert difference(0.5) > 1 and difference(1.0) < 0.01
 
@@ -200,8 +206,15 @@ def test_inpaint_keeps_black_mask_pixels_exactly(run, tmp_path):
     mask = np.zeros((256, 256), np.uint8)
     mask[:, 128:] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    [out] = run(prompt="a cat", image=image, mask=str(tmp_path / "mask.png"), output_format="png",
-                num_inference_steps=4, prompt_strength=1.0, seed=1)
+    [out] = run(
+        prompt="a cat",
+        image=image,
+        mask=str(tmp_path / "mask.png"),
+        output_format="png",
+        num_inference_steps=4,
+        prompt_strength=1.0,
+        seed=1,
+    )
     result, original = pixels(out), pixels(image)
     assert (result[:, :128] == original[:, :128]).all()
     assert np.abs(result[:, 128:] - original[:, 128:]).mean() > 10
@@ -212,8 +225,9 @@ def test_inpaint_mask_of_another_size_and_mode_is_resized(run, tmp_path):
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((255, 255, 255, 255), (32, 0, 64, 64))
     mask.save(tmp_path / "mask.png")
-    [out] = run(prompt="a cat", image=image, mask=str(tmp_path / "mask.png"), output_format="png",
-                num_inference_steps=2, seed=1)
+    [out] = run(
+        prompt="a cat", image=image, mask=str(tmp_path / "mask.png"), output_format="png", num_inference_steps=2, seed=1
+    )
     result, original = pixels(out), pixels(image)
     assert result.shape == original.shape
     assert (result[:, :120] == original[:, :120]).all()
@@ -283,8 +297,16 @@ def test_unicode_and_very_long_prompts_work(run):
 
 
 def test_schema_bounds_are_enforced_by_cog_checks(run):
-    for bad in ({"num_outputs": 5}, {"num_inference_steps": 0}, {"lora_scale": 2.5}, {"width": 100},
-                {"output_quality": 101}, {"aspect_ratio": "7:3"}, {"model": "pro"}, {"output_format": "gif"}):
+    for bad in (
+        {"num_outputs": 5},
+        {"num_inference_steps": 0},
+        {"lora_scale": 2.5},
+        {"width": 100},
+        {"output_quality": 101},
+        {"aspect_ratio": "7:3"},
+        {"model": "pro"},
+        {"output_format": "gif"},
+    ):
         with pytest.raises(ValueError):
             run(prompt="a cat", **bad)
 

@@ -18,8 +18,10 @@ def count_calls(module, counter: list) -> object:
 
 def test_disable_safety_checker_calls_neither_model(predictor, run):
     checker_calls, detector_calls = [], []
-    hooks = [count_calls(predictor.safety.checker, checker_calls),
-             count_calls(predictor.safety.detector, detector_calls)]
+    hooks = [
+        count_calls(predictor.safety.checker, checker_calls),
+        count_calls(predictor.safety.detector, detector_calls),
+    ]
     try:
         run(prompt="a cat", num_outputs=2, disable_safety_checker=True, seed=1, **SMALL)
         assert checker_calls == [] and detector_calls == []

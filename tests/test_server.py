@@ -108,8 +108,14 @@ def test_garbage_image_upload_fails_cleanly(cog_server):
 
 
 def test_img2img_over_http_follows_the_image_size(cog_server):
-    body = cog_server.predict({"prompt": "a cat", "image": "data:image/png;base64," + _png_b64((320, 480)),
-                               "num_inference_steps": 2, "output_format": "png"}).json()
+    body = cog_server.predict(
+        {
+            "prompt": "a cat",
+            "image": "data:image/png;base64," + _png_b64((320, 480)),
+            "num_inference_steps": 2,
+            "output_format": "png",
+        }
+    ).json()
     assert body["status"] == "succeeded", body
     assert decode(body["output"][0]).size == (320, 480)
 
