@@ -7,7 +7,9 @@ says what was wrong and what to do.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -34,6 +36,10 @@ MULTIPLE = 16  # FLUX latents are 1/8 of the image, packed 2×2
 MIN_SIDE, MAX_SIDE = 256, 1440  # the page's bounds for width and height
 MAX_INPUT_PIXELS = 64_000_000  # refuse larger uploads before decoding them (decompression bombs)
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# coglet 0.23 makes /tmp/coglet/predictions/<id>/{inputs,outputs} for every prediction, leaves them
+# empty (inputs go to TMPDIR) and never removes them: 3 directories, 12 KB on ext4, per prediction.
+COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
+STALE_AFTER_S = 10.0
 
 
 def round_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
@@ -128,7 +134,8 @@ class OutputWriter:
 
     Cog uploads outputs by basename, so names carry a per-prediction id. The previous
     prediction's directory is removed when the next one starts (Cog has sent its files by
-    then), so disk use stays bounded over days of serving.
+    then), and so are the empty folders coglet leaves behind, so disk use stays bounded over
+    days of serving.
     """
 
     def __init__(self, root: str | Path | None = None):
@@ -137,6 +144,7 @@ class OutputWriter:
 
     def new_prediction(self) -> Path:
         self.cleanup()
+        prune_empty_dirs(COGLET_PREDICTIONS)
         self.current = Path(tempfile.mkdtemp(prefix="flux-out-", dir=self.root))
         return self.current
 
@@ -157,3 +165,33 @@ class OutputWriter:
             image.convert("RGB").save(path, format=OUTPUT_FORMATS[output_format], **options)
             paths.append(path)
         return paths
+
+
+def prune_empty_dirs(root: Path, older_than: float = STALE_AFTER_S) -> int:
+    """Remove the folders directly under `root` that hold no file at all and have not changed for
+    `older_than` seconds (coglet's leftovers); returns how many went. Never removes a file: rmdir
+    refuses a folder that is not empty, so a folder still in use is left alone."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    now, removed = time.time(), 0
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            folders = [entry.path]
+            for parent, dirs, files in os.walk(entry.path):
+                if files or any(os.path.islink(os.path.join(parent, d)) for d in dirs):
+                    raise OSError("not empty")
+                folders.extend(os.path.join(parent, d) for d in dirs)
+            if any(now - os.stat(folder).st_mtime < older_than for folder in folders):
+                continue
+            for folder in reversed(folders):  # children before parents
+                os.rmdir(folder)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.debug("removed %d empty folder(s) from %s", removed, root)
+    return removed

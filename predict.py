@@ -5,6 +5,8 @@ One prediction: inputs → checks → sizes → pipeline → LoRAs → generate 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -30,6 +32,7 @@ SEED_MAX = 2**63  # torch.Generator takes signed and unsigned 64-bit seeds; we a
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
+        limit_allocator_growth()
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(message)s", force=True)
         diffusers.utils.logging.disable_progress_bar()  # progress bars would flood the prediction logs
         transformers.utils.logging.disable_progress_bar()
@@ -231,6 +234,25 @@ def denoising_strength(prompt_strength: float, steps: int) -> float:
         logger.info("prompt_strength %.3g with %d steps would run no step: running 1", prompt_strength, steps)
         return 1 / steps
     return prompt_strength
+
+
+def limit_allocator_growth() -> None:
+    """Keep the worker's memory flat over thousands of predictions (process-wide, so in setup()).
+
+    Measured (tests/test_soak.py): with glibc's defaults the worker's RSS creeps up with every few
+    hundred predictions (614 → 684 MiB over 1,000) through allocator fragmentation; with two arenas
+    and blocks of 1 MiB or more mapped and trimmed straight back to the OS, it stays flat.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:  # not glibc (e.g. macOS): nothing to tune
+        return
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    libc.mallopt(m_arena_max, 2)
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
 
 
 @contextmanager

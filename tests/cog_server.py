@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,8 +53,12 @@ class CogServer:
         )
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        # The log is kept when the block failed (or with KEEP_COG_LOGS=1), so that runs do not fill /tmp.
+        if exc_type is None and not os.environ.get("KEEP_COG_LOGS"):
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -92,3 +100,84 @@ class CogServer:
                 return response
             time.sleep(0.1)
         return response
+
+    # ---- additions for the HTTP contract, fault, soak and fuzz tests
+
+    def predict_async(self, prediction_id: str, inputs: dict, *, webhook: str | None = None, **body):
+        """PUT /predictions/{id} with `Prefer: respond-async` (202 once accepted; results go to the webhook)."""
+        payload = {"id": prediction_id, "input": inputs, **body}
+        if webhook:
+            payload["webhook"] = webhook
+        return requests.put(
+            f"{self.url}/predictions/{prediction_id}", json=payload, headers={"Prefer": "respond-async"}, timeout=30
+        )
+
+    def cancel(self, prediction_id: str) -> requests.Response:
+        return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=30)
+
+    def worker(self):
+        """The worker process (a psutil.Process): the child that runs setup() and predictions."""
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            if "_run_worker" in " ".join(child.cmdline()):
+                return child
+        raise RuntimeError("the cog server has no worker process")
+
+    def log_events(self) -> list[dict]:
+        """coglet's structured log lines (JSON), in order; other lines are skipped."""
+        events = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+        return events
+
+    def started_predictions(self) -> list[str]:
+        """Ids of every prediction coglet handed to the worker ("Starting prediction")."""
+        return [
+            e["fields"].get("prediction_id")
+            for e in self.log_events()
+            if e.get("fields", {}).get("message") == "Starting prediction"
+        ]
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def png_bytes(size=(64, 64), mode: str = "RGB", color=(200, 10, 10), fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.new(mode, size, color if mode in ("RGB", "RGBA") else 128)
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def decode_data_uri(uri: str):
+    """(mime type, bytes) of a data URI from a prediction's output."""
+    match = re.match(r"data:([^;,]+)(;base64)?,(.*)", uri, re.S)
+    assert match, uri[:80]
+    assert match.group(2), "outputs are base64 data URIs"
+    return match.group(1), base64.b64decode(match.group(3))
+
+
+def report(request, line: str) -> None:
+    """Show a measured figure in the pytest output even under -q and output capture."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(f"\n[{request.node.name}] {line}")
+
+
+def scaled_lora(tiny_weights: Path, factor: float) -> bytes:
+    """The tiny tree's own LoRA with its up-projections scaled: a valid, visibly different LoRA."""
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(tiny_weights / "lora.safetensors"))
+    return save({k: v * factor if "lora_B" in k else v for k, v in tensors.items()})

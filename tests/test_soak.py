@@ -1,0 +1,219 @@
+"""Soak: many sequential predictions over HTTP against one real Cog server, with varied sizes, formats,
+seeds, models, LoRAs, img2img and failures mixed in. Every success must be the right picture (same
+request → same bytes, whatever ran in between); the worker's and the server's resident memory must be
+flat after warm-up, and open file descriptors, temp files and coglet's per-prediction folders must
+not grow.
+
+SOAK_N sets the count (default 200, a couple of minutes on 2 cores); `-m slow` adds a 1,000-prediction
+run of the same mix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+
+import pytest
+from PIL import Image
+
+import images
+from tests.cog_server import ROOT, CogServer, data_uri, decode_data_uri, png_bytes, report, scaled_lora
+from tests.receivers import Receiver
+
+WARMUP = 60
+# Allowed growth of the worker's resident memory from WARMUP to the end, in bytes. Measured on 2 cores,
+# predictions 60 → 200: ≈ +10 MiB with glibc's malloc tuned (M_ARENA_MAX 2, mmap/trim thresholds
+# 1 MiB), ≈ +40 MiB untuned (and still creeping: +70 MiB over 1,000): fragmentation, not Python objects.
+RSS_SLACK = 24 << 20
+SIZES = [(256, 256), (256, 320), (320, 256), (272, 272)]
+FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+INIT_IMAGE = data_uri(png_bytes((320, 320), color=(30, 160, 90)))
+FAILURES = [  # (extra inputs, text the one-line error must hold)
+    ({"mask": INIT_IMAGE}, "mask was given without image"),
+    ({"image": data_uri(b"\x89PNG\r\n\x1a\n truncated")}, "image could not be read"),
+    ({"extra_lora": "{rx}/files/missing.safetensors"}, "404"),
+    ({"seed": 2**63}, "is out of range"),
+    ({"output_quality": 1, "output_format": "webp"}, "internal error (RuntimeError: injected fault"),
+    ({"prompt": "  "}, "prompt is empty"),
+]
+
+
+def recipe(rng: random.Random) -> dict:
+    """One successful request of the mix."""
+    width, height = rng.choice(SIZES)
+    inputs = {
+        "prompt": rng.choice(["an ascii art cat", "ascii owl", "a lighthouse, ascii"]),
+        "aspect_ratio": "custom",
+        "width": width,
+        "height": height,
+        "seed": rng.randint(0, 2**32),
+        "num_inference_steps": rng.choice([1, 1, 2]),
+        "output_format": rng.choice(list(FORMATS)),
+        "lora_scale": rng.choice([1, 1, 0.5, 0, -0.7]),
+    }
+    if rng.random() < 0.1:
+        inputs["num_outputs"] = 2
+    if rng.random() < 0.2:
+        inputs["model"] = "schnell"
+    if rng.random() < 0.4:
+        inputs["extra_lora"] = rng.choice(["{rx}/files/a.safetensors", "{rx}/files/b.safetensors"])
+        inputs["extra_lora_scale"] = rng.choice([1, 0.6])
+    if rng.random() < 0.1:
+        inputs["image"] = INIT_IMAGE
+    return inputs
+
+
+def plan(count: int, seed: int = 1234) -> list[tuple[dict, str | None]]:
+    """The request mix: (inputs, None) for a success or (inputs, error text) for a failure.
+
+    Successes are drawn from a pool of 30 recipes, so each recurs several times with other models,
+    LoRAs, sizes and failures in between: a recurrence must give the very same bytes.
+    """
+    rng = random.Random(seed)
+    pool = [recipe(rng) for _ in range(30)]
+    requests = []
+    for i in range(count):
+        inputs = dict(pool[i] if i < len(pool) else rng.choice(pool))  # every recipe once during warm-up
+        error = None
+        if i >= 3 and rng.random() < 0.12:
+            extra, error = rng.choice(FAILURES)
+            if "mask" in extra:
+                inputs.pop("image", None)
+            inputs.update(extra)
+        requests.append((inputs, error))
+    return requests
+
+
+def tmp_snapshot(tmpdir) -> tuple[set[str], int]:
+    """(names in TMPDIR other than the reused output folder, files in output folders)."""
+    names, outputs = set(), 0
+    for entry in os.scandir(tmpdir):
+        if entry.name.startswith("flux-out-"):
+            outputs += len(os.listdir(entry.path))
+        else:
+            names.add(entry.name)
+    return names, outputs
+
+
+@pytest.fixture(scope="module")
+def soak_server(tiny_weights, tmp_path_factory):
+    tmpdir = tmp_path_factory.mktemp("soak-tmp")
+    with Receiver() as rx:
+        rx.serve("a.safetensors", scaled_lora(tiny_weights, 3.0))
+        rx.serve("b.safetensors", scaled_lora(tiny_weights, -2.0))
+        env = {
+            "TMPDIR": str(tmpdir),
+            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("soak-lora-cache")),
+            "LORA_ALLOW_PRIVATE_URLS": "1",
+            "PYTHONPATH": str(ROOT / "tests" / "fault_inject"),
+            "FLUX_TEST_FAULTS": "1",
+        }
+        with CogServer(tiny_weights, env=env) as server:
+            server.wait_for("READY")
+            server.tmpdir, server.rx = tmpdir, rx
+            yield server
+
+
+def soak(server, count: int, request, tag: str) -> None:
+    rx, tmpdir = server.rx, server.tmpdir
+    worker, pid = server.worker(), server.worker().pid
+    import psutil
+
+    orchestrator = psutil.Process(server.process.pid)
+    seen: dict[str, list[bytes]] = {}
+    repeats = failures = 0
+    finished: dict[str, float] = {}
+    figures, rss_trend = {}, []
+    started = time.monotonic()
+    for i, (inputs, error) in enumerate(plan(count)):
+        inputs = {k: v.replace("{rx}", rx.url) if isinstance(v, str) else v for k, v in inputs.items()}
+        prediction_id = f"{tag}-{i}"
+        body = server.predict(inputs, timeout=120, id=prediction_id).json()
+        finished[prediction_id] = time.time()
+        assert body["id"] == prediction_id
+        if error is not None:
+            failures += 1
+            assert body["status"] == "failed", (i, inputs, body)
+            assert error in body["error"] and "\n" not in body["error"], (i, body["error"])
+        else:
+            assert body["status"] == "succeeded", (i, inputs, body)
+            outputs = [decode_data_uri(uri)[1] for uri in body["output"]]
+            assert len(outputs) == inputs.get("num_outputs", 1)
+            size = (320, 320) if "image" in inputs else (inputs["width"], inputs["height"])
+            for data in outputs:
+                image = Image.open(io.BytesIO(data))
+                assert (image.format, image.size) == (FORMATS[inputs["output_format"]], size), (i, inputs)
+            key = json.dumps(inputs, sort_keys=True)
+            if key in seen:
+                repeats += 1
+                assert outputs == seen[key], f"request {i} gave other bytes than the same request before: {inputs}"
+            seen[key] = outputs
+        if (i + 1) % 20 == 0:
+            rss_trend.append(worker.memory_info().rss >> 20)
+        if i + 1 == WARMUP or i + 1 == count:
+            figures["warm" if i + 1 == WARMUP else "end"] = {
+                "rss": worker.memory_info().rss,
+                "server_rss": orchestrator.memory_info().rss,
+                "fds": worker.num_fds(),
+                "server_fds": orchestrator.num_fds(),
+                "tmp": tmp_snapshot(tmpdir),
+            }
+    elapsed = time.monotonic() - started
+
+    # Let the earliest predictions' coglet folders age past the pruning threshold, then run one more.
+    first_done = min(finished.values())
+    time.sleep(max(0.0, first_done + images.STALE_AFTER_S + 1 - time.time()))
+    server.predict({"prompt": "a cat", "aspect_ratio": "custom", "width": 256, "height": 256, "seed": 1}, id=f"{tag}-x")
+    cutoff = time.time() - images.STALE_AFTER_S - 1
+    coglet = images.COGLET_PREDICTIONS
+    stale = [p for p, t in finished.items() if t < cutoff and (coglet / p).exists()]
+    left = sum(1 for p in finished if (coglet / p).exists())
+
+    warm, end = figures["warm"], figures["end"]
+    report(
+        request,
+        f"{count} predictions ({failures} failures, {repeats} repeats checked byte-for-byte) in {elapsed:.0f} s "
+        f"({elapsed / count * 1000:.0f} ms each); worker RSS {warm['rss'] / 2**20:.0f} → {end['rss'] / 2**20:.0f} MiB, "
+        f"server RSS {warm['server_rss'] / 2**20:.1f} → {end['server_rss'] / 2**20:.1f} MiB; "
+        f"fds worker {warm['fds']} → {end['fds']}, server {warm['server_fds']} → {end['server_fds']}; "
+        f"TMPDIR {sorted(warm['tmp'][0])}+{warm['tmp'][1]} files → {sorted(end['tmp'][0])}+{end['tmp'][1]} files; "
+        f"coglet folders left {left} of {len(finished)}; worker RSS every 20 (MiB): {rss_trend}",
+    )
+    assert server.worker().pid == pid and server.health()["status"] == "READY"
+    assert failures >= count // 20 and repeats >= count // 5, (failures, repeats)
+    assert end["rss"] - warm["rss"] < RSS_SLACK, f"worker memory grew {(end['rss'] - warm['rss']) >> 20} MiB"
+    assert end["server_rss"] - warm["server_rss"] < RSS_SLACK // 4, "coglet's server process memory grew"
+    assert end["fds"] <= warm["fds"] + 2 and end["server_fds"] <= warm["server_fds"] + 2, (warm, end)
+    assert end["tmp"][0] == warm["tmp"][0], "temp files piled up"
+    assert end["tmp"][1] <= 2, "output files piled up"
+    assert not stale, f"coglet's empty per-prediction folders were not pruned: {stale[:5]}…"
+
+
+def test_soak_sequential_predictions(soak_server, request):
+    soak(soak_server, int(os.environ.get("SOAK_N", "200")), request, "soak")
+
+
+@pytest.mark.slow
+def test_long_soak(soak_server, request):
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("the long soak runs with -m slow")
+    soak(soak_server, int(os.environ.get("LONG_SOAK_N", "1000")), request, "long-soak")
+
+
+def test_prune_empty_dirs_removes_only_old_empty_trees(tmp_path):
+    old = time.time() - 3600
+    for name in ("old-empty", "old-with-file", "new-empty"):
+        for sub in ("inputs", "outputs"):
+            (tmp_path / name / sub).mkdir(parents=True)
+    (tmp_path / "old-with-file" / "inputs" / "x.png").write_bytes(b"x")
+    (tmp_path / "a-file").write_bytes(b"keep me")
+    for path in sorted(tmp_path.rglob("*"), reverse=True):
+        if "new-empty" not in str(path):
+            os.utime(path, (old, old))
+    assert images.prune_empty_dirs(tmp_path, older_than=60) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "new-empty", "old-with-file"]
+    assert (tmp_path / "old-with-file" / "inputs" / "x.png").read_bytes() == b"x"
+    assert images.prune_empty_dirs(tmp_path / "does-not-exist") == 0
