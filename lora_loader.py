@@ -424,6 +424,7 @@ class LoraManager:
             self.shapes["text_encoder"] = _shapes(self._layers[id(text_encoder)])
         self._loaded: dict[tuple[int, str], tuple[str, float] | None] = {}
         self._dirty: dict[tuple[int, str], set[str]] = {}
+        self._ranks: dict[tuple[int, str], dict[str, int]] = {}
         self._enabled: dict[int, bool] = dict.fromkeys(map(id, self._models), False)
         self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()
         self._main: ParsedLora | None = None
@@ -556,18 +557,26 @@ class LoraManager:
             return 0
         if want is None:
             pairs = {}
+        # Before writing anything: a cancel half-way must still be undone by reset().
         dirty = self._dirty.get(key, set())
+        self._dirty[key] = dirty | pairs.keys()
+        self._loaded.pop(key, None)
+        ranks = self._ranks.setdefault(key, {})  # layer → how many leading ranks may be non-zero
         for name in dirty - pairs.keys():
-            layers[name].lora_A[slot].weight.zero_()
-            layers[name].lora_B[slot].weight.zero_()
+            used = ranks.pop(name, self.max_rank)
+            layers[name].lora_A[slot].weight[:used].zero_()
+            layers[name].lora_B[slot].weight[:, :used].zero_()
         for name, (down, up) in pairs.items():
             a = layers[name].lora_A[slot].weight
             b = layers[name].lora_B[slot].weight
-            r = down.shape[0]
+            r, used = down.shape[0], ranks.get(name, self.max_rank)
+            ranks[name] = max(r, used)
             a[:r].copy_(down)
-            a[r:].zero_()
-            b[:, :r].copy_(up * scale)  # the one place the scale is applied
-            b[:, r:].zero_()
+            b[:, :r].copy_(up).mul_(scale)  # the one place the scale is applied
+            if used > r:  # only the ranks an earlier LoRA wrote need zeroing, not all the padding
+                a[r:used].zero_()
+                b[:, r:used].zero_()
+            ranks[name] = r
         self._dirty[key] = set(pairs)
         self._loaded[key] = want
         return len(dirty | pairs.keys())

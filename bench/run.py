@@ -1,0 +1,191 @@
+"""`make bench`: the CPU benchmark suite. Prints one table of ratios (each measured side by side in
+this run) with absolute times, and writes everything to bench/results/latest.json.
+
+    .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup] [--out PATH]
+
+What the figures mean: bench/README.md. GPU figures: bench/GPU.md (bench/gpu_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT  # noqa: E402  (also puts the project root on sys.path)
+
+logger = logging.getLogger("bench")
+SECTIONS = ("serving", "lora", "setup")
+
+
+def _quiet() -> None:
+    """Benchmarks time the work, not the logging: the predictor logs at WARNING here."""
+    os.environ["LOG_LEVEL"] = "WARNING"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("diffusers", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, ratio, target, absolute times) rows of the table."""
+    rows = []
+    s = results.get("serving")
+    if s:
+        t = s["seconds"]
+        where = f"{s['size']}², {s['steps']} steps"
+        rows += [
+            (
+                f"1. predict / bare pipeline+save ({where})",
+                f"{s['ratios']['predict / bare']:.3f}",
+                "≤ 1.05",
+                f"{t['predict']:.2f} s vs {t['bare']:.2f} s",
+            ),
+            (
+                "   … baseline with the same LoRA loaded",
+                f"{s['ratios']['predict / bare_lora']:.3f}",
+                "≤ 1.05",
+                f"{t['predict']:.2f} s vs {t['bare_lora']:.2f} s",
+            ),
+            (
+                "   … predict with lora_scale=0 / bare",
+                f"{s['ratios']['predict_no_lora / bare']:.3f}",
+                "",
+                f"{t['predict_no_lora']:.2f} s vs {t['bare']:.2f} s",
+            ),
+            (
+                "   … and no safety checker / bare",
+                f"{s['ratios']['predict_no_lora_no_safety / bare']:.3f}",
+                "",
+                f"{t['predict_no_lora_no_safety']:.2f} s vs {t['bare']:.2f} s",
+            ),
+        ]
+    lora = results.get("lora")
+    if lora:
+        w = lora["switching"]
+        ms = w["ms_per_switch"]
+        full = w["ms_per_switch_full_model_estimate"]
+        rows += [
+            (
+                "2. LoRA switch: anchor / ours (FLUX width, 1+1 blocks)",
+                f"{w['ratio_anchor_over_ours']:.1f}×",
+                "≥ 10×",
+                f"{ms['anchor']:.1f} ms vs {ms['ours']:.1f} ms per switch "
+                f"(19+38 blocks ≈ {full['anchor']:.0f} vs {full['ours']:.0f} ms)",
+            ),
+            ("   … same LoRAs as the previous request", "", "≈ free", f"{w['ms_same_as_previous']:.3f} ms"),
+        ]
+        p = lora["per_step"]
+        for case, ratio in p["ratio_vs_no_adapters"].items():
+            if case == "no adapters":
+                continue
+            rows.append(
+                (
+                    f"3. step with rank-{p['lora_rank']} LoRA, {case} / no adapters",
+                    f"{ratio:.3f}",
+                    "",
+                    f"{p['seconds'][case]:.2f} s vs {p['seconds']['no adapters']:.2f} s "
+                    f"({p['size']}², {p['text_tokens']} text tokens)",
+                )
+            )
+    st = results.get("setup")
+    if st:
+        t = st["seconds"]
+        rows.append(
+            (
+                "4. setup() / bare from_pretrained (tiny)",
+                f"{st['ratios']['setup / from_pretrained']:.2f}",
+                "",
+                f"{t['setup']:.2f} s vs {t['from_pretrained']:.2f} s; cold `import predict` "
+                f"{st['cold_import_predict']:.1f} s",
+            )
+        )
+        for part, seconds in st["breakdown"].items():
+            if part != "total":
+                rows.append((f"   setup: {part}", "", "", f"{seconds:.3f} s"))
+    return rows
+
+
+def _print_table(rows) -> None:
+    headers = ("figure", "ratio", "target", "absolute")
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(4)]
+    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line)  # noqa: T201
+    print("-+-".join("-" * w for w in widths))  # noqa: T201
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))  # noqa: T201
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    _quiet()
+    import torch
+
+    from scripts.tiny_weights import build
+
+    started = time.perf_counter()
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "quick": args.quick,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tree = build(Path(tmp) / "weights")
+        os.environ["FLUX_WEIGHTS_DIR"] = str(tree)
+        os.environ.setdefault("LORA_CACHE_DIR", str(Path(tmp) / "lora-cache"))
+        for section in only:
+            section_start = time.perf_counter()
+            print(f"[bench] {section}…", file=sys.stderr, flush=True)  # noqa: T201
+            if section == "serving":
+                import bench_serving
+
+                results["serving"] = bench_serving.run(tree, rounds=2 if args.quick else 3)
+            elif section == "lora":
+                import bench_lora
+
+                results["lora"] = bench_lora.run(quick=args.quick)
+            elif section == "setup":
+                import bench_setup
+
+                results["setup"] = bench_setup.run(tree, rounds=2 if args.quick else 3)
+            else:
+                parser.error(f"unknown section {section!r}")
+            results.setdefault("section_seconds", {})[section] = time.perf_counter() - section_start
+            print(f"[bench] {section} done in {time.perf_counter() - section_start:.0f} s", file=sys.stderr)  # noqa: T201
+    results["total_seconds"] = time.perf_counter() - started
+    results["table"] = [dict(zip(("figure", "ratio", "target", "absolute"), r, strict=True)) for r in _rows(results)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    _print_table(_rows(results))
+    print(f"\n{results['total_seconds']:.0f} s in all; JSON: {args.out}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

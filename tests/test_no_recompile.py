@@ -1,0 +1,179 @@
+"""LoRA swaps never recompile a compiled transformer (CPU proof of the GPU fast path's design).
+
+A Predictor is set up on the tiny weights exactly as in production, then its transformers are
+compiled the way `fast_path` does on a GPU (regional compilation of the repeated blocks,
+fullgraph, dynamic shapes, no duck shaping), only with torch.compile's `eager` backend, which
+runs on a CPU in seconds but guards and recompiles exactly as inductor does. The warm-up is
+setup()'s own (`FluxModels.optimize` with the adapters on and off, batch 1 and 2). After it,
+`torch._dynamo.config.error_on_recompile` is set and requests swap LoRAs of different ranks,
+formats and target sets, at positive, negative and zero scales, on dev and schnell, at several
+sizes, batch sizes and prompt lengths: any recompilation raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import lora_fixtures as fx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fast_path
+
+MAX_RANK = 16
+SIZE = {"aspect_ratio": "custom", "width": 256, "height": 256}
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_weights, tmp_path_factory):
+    """(run, predictor, LoRA files): a fresh Predictor whose transformers are compiled and warmed up."""
+    import torch.fx.experimental._config as fx_config
+    from cog._inspector import check_input, create_predictor
+
+    import predict
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_WEIGHTS_DIR", str(tiny_weights))
+        mp.setenv("LORA_MAX_RANK", str(MAX_RANK))
+        mp.setenv("LORA_CACHE_DIR", str(tmp_path_factory.mktemp("lora-cache")))
+        # fast_path sets these process-wide; put them back afterwards for the other tests.
+        mp.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
+        mp.setattr(fast_path, "COMPILE_VAE_DECODER", False)  # not what this test is about; saves time
+        torch._dynamo.reset()
+        runner = predict.Predictor()
+        runner.setup()  # on a CPU: loads, injects the LoRA slots, sets the main LoRA; compiles nothing
+
+        # setup()'s GPU branch, on the CPU: fast_path's own _optimize, with the eager backend.
+        for transformer in runner.models.transformers.values():
+            eager = functools.partial(type(transformer).compile_repeated_blocks, transformer, backend="eager")
+            mp.setattr(transformer, "compile_repeated_blocks", eager, raising=False)
+        mp.setattr(fast_path, "optimize_pipeline", lambda pipe, fp8: fast_path._optimize(pipe, fp8=fp8, compile=True))
+        runner.models.optimize(
+            fp8=False,
+            warmup_sizes=[(256, 256)],
+            warmup_states=[  # exactly setup()'s states: adapters on (main LoRA) and off
+                lambda model: runner.loras.apply(runner.models.transformers[model], 1.0, None, 1.0),
+                lambda model: runner.loras.apply(runner.models.transformers[model], 0.0, None, 1.0),
+            ],
+        )
+        fields = create_predictor("predict", "Predictor").inputs
+
+        def run(**inputs):
+            return runner.run(**check_input(fields, {"prompt": "an ascii cat", "seed": 1, **inputs}))
+
+        files = tmp_path_factory.mktemp("loras")
+        dev = runner.models.transformers["dev"]
+        clip = runner.models.text_encoder
+        # Ranks 1..MAX_RANK, four formats, different target sets (all layers, attention only,
+        # double blocks only, with and without CLIP, linear1 or not).
+        loras = {
+            "kohya-r16-clip": fx.bfl_family(dev, style="kohya", rank=16, alpha=8.0, clip=clip, seed=11),
+            "diffusers-r4": fx.diffusers_peft(dev, rank=4, seed=12),
+            "diffusers-r2-attn": fx.diffusers_peft(dev, rank=2, seed=13, targets=("attn.to_q", "attn.to_v")),
+            "bfl-r8-no-linear1": fx.bfl_family(dev, style="bfl", rank=8, alpha=None, single_linear1=False, seed=14),
+            "xlabs-r1": fx.xlabs(dev, rank=1, seed=15),
+            "comfyui-r12": fx.bfl_family(dev, style="comfyui", rank=12, seed=16),
+            "clip-only-r4": fx.diffusers_peft(dev, rank=4, seed=17, clip=clip, targets=("no.such.layer",)),
+        }
+        paths = {name: str(lora.write(files / f"{name}.safetensors")) for name, lora in loras.items()}
+        yield run, runner, paths
+        runner.outputs.cleanup()
+    torch._dynamo.reset()
+
+
+def graphs() -> int:
+    return fast_path._compiled_graph_count()
+
+
+def pixels(paths) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in paths]
+
+
+def test_warm_up_compiled_the_blocks(compiled):
+    run, runner, _ = compiled
+    for transformer in runner.models.transformers.values():
+        blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
+        assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    assert graphs() > 0
+
+
+def test_lora_swaps_across_requests_never_recompile(compiled, caplog):
+    run, runner, loras = compiled
+    requests = [
+        {"extra_lora": loras["kohya-r16-clip"]},
+        {"extra_lora": loras["diffusers-r4"], "extra_lora_scale": -0.7},
+        {"extra_lora": loras["diffusers-r2-attn"], "lora_scale": 0},
+        {"extra_lora": loras["bfl-r8-no-linear1"], "lora_scale": -1, "extra_lora_scale": 2},
+        {"extra_lora": loras["xlabs-r1"], "model": "schnell", "num_inference_steps": 2},
+        {"extra_lora": loras["comfyui-r12"], "extra_lora_scale": 0},
+        {"extra_lora": loras["clip-only-r4"], "lora_scale": 0},  # transformer adapters off, CLIP's on
+        {"lora_scale": 0},  # the base model: adapters off
+        {"extra_lora": loras["kohya-r16-clip"], "model": "schnell", "num_outputs": 2},
+        {"extra_lora": loras["diffusers-r4"], "num_outputs": 4, "lora_scale": 0.5},
+        {"extra_lora": loras["xlabs-r1"], "width": 384, "height": 256},  # another size
+        {},  # main LoRA only, default scale
+        {"model": "schnell", "lora_scale": 0, "extra_lora": loras["comfyui-r12"], "extra_lora_scale": -1},
+        {"extra_lora": loras["kohya-r16-clip"]},  # back to the first: same output as the first time
+    ]
+    before = graphs()
+    outputs = []
+    with torch._dynamo.config.patch(error_on_recompile=True), caplog.at_level(logging.INFO, logger="lora_loader"):
+        for request in requests:
+            outputs.append(pixels(run(**{"num_inference_steps": 2, **SIZE, **request})))
+    assert graphs() == before, "a LoRA swap compiled a new graph"
+    assert (outputs[0][0] == outputs[-1][0]).all()
+    assert sum("LoRA applied" in r.message for r in caplog.records) >= len(requests) - 1
+    # Each LoRA changed the picture (the swapped-in tensors are read by the compiled blocks).
+    firsts = [out[0].tobytes() for out in outputs[:7]]
+    assert len(set(firsts)) == len(firsts)
+
+
+def test_compiled_output_matches_eager_after_swaps(compiled):
+    # The compiled blocks read the slots' current values (no stale constants): force_eager runs the
+    # very same modules without the compiled code and must give the same picture.
+    run, _, loras = compiled
+    request = {**SIZE, "num_inference_steps": 2, "extra_lora": loras["bfl-r8-no-linear1"], "extra_lora_scale": -0.5}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled_out = pixels(run(**request))
+        run(**{**request, "extra_lora": loras["diffusers-r2-attn"]})  # swap away and back
+        again = pixels(run(**request))
+    with torch.compiler.set_stance("force_eager"):
+        eager_out = pixels(run(**request))
+    assert (compiled_out[0] == again[0]).all()
+    assert np.abs(compiled_out[0] - eager_out[0]).max() <= 1
+
+
+def test_rank_above_the_slots_is_refused_without_touching_the_compiled_model(compiled, tmp_path):
+    run, runner, loras = compiled
+    too_big = fx.diffusers_peft(runner.models.transformers["dev"], rank=MAX_RANK + 1, seed=18)
+    path = too_big.write(Path(tmp_path) / "big.safetensors")
+    before = graphs()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with pytest.raises(ValueError, match="LORA_MAX_RANK"):
+            run(**SIZE, num_inference_steps=2, extra_lora=str(path))
+        run(**SIZE, num_inference_steps=2, extra_lora=loras["diffusers-r4"])
+    assert graphs() == before
+
+
+def test_the_harness_catches_a_recompile(compiled):
+    # Negative control: a change the compiled graphs are guarded on (here: which adapters are
+    # active, as PEFT's set_adapter would change it) does raise under error_on_recompile, so the
+    # tests above would have caught a swap that recompiled.
+    from lora_loader import SLOTS
+
+    run, runner, _ = compiled
+    layers = runner.loras._layers[id(runner.models.transformers["dev"])].values()
+    runner.loras.apply(runner.models.transformers["dev"], 1.0, None, 1.0)  # adapters on
+    try:
+        for layer in layers:
+            layer.set_adapter(["main"], inference_mode=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            with pytest.raises(RuntimeError, match="Recompil"):
+                run(**SIZE, num_inference_steps=1)
+    finally:
+        for layer in layers:
+            layer.set_adapter(list(SLOTS), inference_mode=True)
