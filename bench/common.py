@@ -16,20 +16,11 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))  # lora_fixtures: the LoRA file writers
 
+from bench.gpu_bench import FLUX_TRANSFORMER  # noqa: E402  (FLUX.1-dev's real transformer config)
+
 # FLUX.1's real width (24 heads × 128, T5 4096, CLIP pooled 768) with 1 double and 1 single block:
 # per-block costs extrapolate to the real 19 + 38.
-FLUX_WIDTH = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    axes_dims_rope=[16, 56, 56],
-    guidance_embeds=True,
-)
+FLUX_WIDTH = {**FLUX_TRANSFORMER, "num_layers": 1, "num_single_layers": 1, "guidance_embeds": True}
 REAL_BLOCKS = (19, 38)
 
 
