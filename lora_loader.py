@@ -499,6 +499,17 @@ class LoraManager:
             self._describe(transformer, main, lora_scale, extra, extra_lora_scale),
         )
 
+    def compile_states(self, transformer: torch.nn.Module):
+        """Put `transformer` in each state a torch.compile graph is specialised on, yielding in each:
+        adapters on, then off. What the slots hold does not matter (the graph reads them as
+        tensors), so this works with no main LoRA too. Ends at the exact base model."""
+        try:
+            for enabled in (True, False):
+                self._enable(transformer, enabled)
+                yield
+        finally:
+            self.reset()
+
     def reset(self) -> None:
         """Back to the exact base model (after a cancelled or failed request)."""
         for model in self._models:

@@ -86,16 +86,15 @@ class FluxModels:
     def traits(self, model: str) -> ModelTraits:
         return ModelTraits.of(self.transformers[model])
 
-    def optimize(self, *, fp8: bool, warmup_sizes: list[tuple[int, int]], warmup_states=()) -> None:
+    def optimize(self, *, fp8: bool, warmup_sizes: list[tuple[int, int]], states) -> None:
         """The GPU fast path (fast_path.py) for both models: compile, attention backend, opt-in fp8,
-        then a warm-up so compilation happens here and not on the first request. Each of
-        `warmup_states(model)` puts a model in a state requests find it in (e.g. with and without
-        its LoRA adapters active), and each is warmed up: each is a compiled graph of its own."""
+        then a warm-up so compilation happens here and not on the first request. `states(transformer)`
+        iterates over the states requests can find a transformer in (e.g. LoRA adapters on and off),
+        each a compiled graph of its own: each is warmed up."""
         import fast_path
 
-        for model in self.transformers:
+        for model, transformer in self.transformers.items():
             pipe = self.get(model, "txt2img")
             fast_path.optimize_pipeline(pipe, fp8=fp8)
-            for set_state in warmup_states or [lambda model: None]:
-                set_state(model)
+            for _ in states(transformer):
                 fast_path.warmup(pipe, warmup_sizes)

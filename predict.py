@@ -49,17 +49,17 @@ class Predictor(BaseRunner):
             list(self.models.transformers.values()), self.models.text_encoder, LoraCache.from_env()
         )
         self.loras.set_main(model_weights.main_lora(root))
-        if device.type == "cuda":  # compile after the LoRA slots exist, so LoRA swaps never recompile
-            self.models.optimize(
-                fp8=os.environ.get("FLUX_FP8") == "1",
-                warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]],
-                warmup_states=[  # LoRA adapters on (the main LoRA) and off (no LoRA in effect)
-                    lambda model: self.loras.apply(self.models.transformers[model], 1.0, None, 1.0),
-                    lambda model: self.loras.apply(self.models.transformers[model], 0.0, None, 1.0),
-                ],
-            )
+        if device.type == "cuda":
+            self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
         self.outputs = OutputWriter()
         logger.info("setup done in %.1f s", time.perf_counter() - started)
+
+    def compile(self, warmup_sizes: list[tuple[int, int]]) -> None:
+        """The GPU fast path, after the LoRA slots exist so that LoRA swaps never recompile; warmed
+        up in every LoRA adapter state, at batch 1 and 2 (fast_path.warmup)."""
+        self.models.optimize(
+            fp8=os.environ.get("FLUX_FP8") == "1", warmup_sizes=warmup_sizes, states=self.loras.compile_states
+        )
 
     def run(
         self,

@@ -379,3 +379,24 @@ def test_every_source_kind_applies_the_same_delta(setup, hub):
     assert all(np.array_equal(images[0], other) for other in images[1:])
     assert not np.array_equal(images[0], image(s["reference"]))
     s["manager"].reset()
+
+
+def test_compile_states_cover_adapters_on_and_off_without_a_main_lora(setup):
+    """setup()'s GPU warm-up walks these states; with no main LoRA, "on" must still be reached, or
+    the first request with an extra LoRA would compile on the user's time."""
+    s = setup
+    manager, transformer = s["manager"], s["pipe"].transformer
+    expected = image(s["reference"])
+    manager.set_main(None)
+    try:
+        active = []
+        for _ in manager.compile_states(transformer):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+            active.append({not layer.disable_adapters for layer in layers})
+            assert np.array_equal(image(s["pipe"]), expected)  # the slots are empty: the base model either way
+        assert active == [{True}, {False}]
+        assert np.array_equal(image(s["pipe"]), expected)
+    finally:
+        manager.set_main(s["tree"] / "lora.safetensors")
