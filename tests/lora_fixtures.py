@@ -335,8 +335,9 @@ class Route:
     truncate: int | None = None  # send only this many bytes of the body (Content-Length stays full)
 
 
-class FakeHub:
-    """A threaded HTTP server on 127.0.0.1; routes by path (query ignored), records every request."""
+class RouteServer:
+    """Stands in for Replicate, Hugging Face, CivitAI and file hosts: a threaded HTTP server on
+    127.0.0.1 that routes by path (query ignored) and records every request."""
 
     def __init__(self):
         self.routes: dict[str, Route] = {}

@@ -28,7 +28,7 @@ def tree(tiny_weights):
 
 @pytest.fixture(scope="module")
 def hub():
-    server = fx.FakeHub()
+    server = fx.RouteServer()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_ALLOW_PRIVATE_URLS", "1")
         mp.setenv("LORA_DOWNLOAD_TIMEOUT", "0.5")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_fixtures import HTML_ERROR, FakeHub, tar_bytes
+from lora_fixtures import HTML_ERROR, RouteServer, tar_bytes
 from safetensors.torch import load_file, save
 
 import lora_sources
@@ -32,7 +32,7 @@ def lora_bytes(seed: int = 0, size: int = 4) -> bytes:
 
 @pytest.fixture
 def hub():
-    server = FakeHub()
+    server = RouteServer()
     yield server
     server.close()
 
