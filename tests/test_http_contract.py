@@ -192,7 +192,9 @@ def test_async_prediction_delivers_processing_then_succeeded_to_the_webhook(uplo
     assert final["status"] == "succeeded", final
     events = receiver.webhooks_for("async-all")
     statuses = [event["status"] for event in events]
-    assert statuses[0] == "processing" and statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
+    # coglet sends webhooks concurrently: a throttled log update ("processing") can arrive after the
+    # final event, so the order in which they arrive is not asserted.
+    assert "processing" in statuses and statuses.count("succeeded") == 1
     assert set(statuses) <= {"starting", "processing", "succeeded"}, statuses
     assert final["output"][0].startswith(receiver.url + "/files/")  # uploaded, not inlined
     assert final["output"][0].rsplit("/", 1)[1] in receiver.uploads

@@ -156,7 +156,7 @@ def test_cancel_stops_a_running_prediction_within_a_step_and_leaves_no_state(ser
     )
 
     assert final["status"] == "canceled", final
-    assert [e["status"] for e in rx.webhooks_for("to-cancel")][0] == "processing"
+    assert "processing" in [e["status"] for e in rx.webhooks_for("to-cancel")]  # arrival order is not kept
     assert ready_after < CANCEL_BOUND_S and canceled_after < CANCEL_BOUND_S
     assert idle < 0.2, "the cancelled prediction is still computing in the worker"
     assert_unharmed(server, baseline, rx)  # no half-applied LoRA: both reference pictures are unchanged
