@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -195,3 +197,59 @@ def prune_empty_dirs(root: Path, older_than: float = STALE_AFTER_S) -> int:
     if removed:
         logger.debug("removed %d empty folder(s) from %s", removed, root)
     return removed
+
+
+class InputDownloads:
+    """A folder of this worker's own for the files Cog downloads `image`/`mask` URLs into.
+
+    Cog (0.23.1, `URLPath.convert`) downloads a URL input into a `tempfile.NamedTemporaryFile` in
+    the default temp folder before the prediction starts, and removes it afterwards, except when
+    the download fails (a 404, a URL that hangs): then the partial file stays for good. So setup()
+    points Python's `tempfile.tempdir` (a process-wide setting) at a folder of this worker's,
+    and each prediction, as it starts, removes the download files left there by earlier ones:
+    at most the failed downloads since the last prediction remain, never a growing pile. Folders
+    of workers that have exited are removed at setup.
+    """
+
+    PREFIX = "flux-inputs-"
+    # NamedTemporaryFile's names: "tmp" + 8 characters of this alphabet, then Cog's suffix.
+    DOWNLOAD_NAME = re.compile(r"^tmp[a-z0-9_]{8}")
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root or tempfile.gettempdir())
+        self.folder = self.root / f"{self.PREFIX}{os.getpid()}"
+
+    def isolate(self) -> Path:
+        """Create this worker's folder, make it the process's temp folder and remove dead workers' ones."""
+        for entry in self.root.glob(f"{self.PREFIX}*"):
+            pid = entry.name.removeprefix(self.PREFIX)
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        tempfile.tempdir = str(self.folder)
+        return self.folder
+
+    def sweep(self, keep: list[Path | None]) -> int:
+        """Remove earlier predictions' leftover downloads, never the files in `keep` (this
+        prediction's inputs); returns how many went."""
+        keep_names = {Path(p).name for p in keep if p is not None and Path(p).parent == self.folder}
+        removed = 0
+        for entry in os.scandir(self.folder) if self.folder.is_dir() else ():
+            if entry.name in keep_names or not self.DOWNLOAD_NAME.match(entry.name):
+                continue
+            if entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.info("removed %d input file(s) left by failed downloads", removed)
+        return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

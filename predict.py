@@ -19,7 +19,7 @@ from cog import BaseRunner, Input, Path
 
 import images
 import model_weights
-from images import ASPECT_RATIOS, OutputWriter
+from images import ASPECT_RATIOS, InputDownloads, OutputWriter
 from lora_loader import LoraManager
 from lora_sources import LoraCache
 from pipelines import FluxModels, ModelTraits, device_and_dtype
@@ -52,6 +52,8 @@ class Predictor(BaseRunner):
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
         self.outputs = OutputWriter()
+        self.inputs = InputDownloads()
+        self.inputs.isolate()  # last: from here on Python's temp files go to this worker's folder
         logger.info("setup done in %.1f s", time.perf_counter() - started)
 
     def compile(self, warmup_sizes: list[tuple[int, int]]) -> None:
@@ -158,6 +160,7 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         with user_errors():
             # 1. Check inputs and pick the mode and the pipeline.
+            self.inputs.sweep(keep=[image, mask])
             seed = check_inputs(prompt, image, mask, seed, num_outputs)
             mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
             pipe, traits = self.models.get(model, mode), self.models.traits(model)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,12 @@ def predictor(tiny_weights):
     previous = os.environ.get("FLUX_WEIGHTS_DIR")
     os.environ["FLUX_WEIGHTS_DIR"] = str(tiny_weights)
     runner = predict.Predictor()
+    temp_folder = tempfile.tempdir
     runner.setup()
+    tempfile.tempdir = temp_folder  # setup() points it at the worker's input folder; not pytest's business
     yield runner
     runner.outputs.cleanup()
+    shutil.rmtree(runner.inputs.folder, ignore_errors=True)
     if previous is None:
         os.environ.pop("FLUX_WEIGHTS_DIR")
     else:

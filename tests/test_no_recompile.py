@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import tempfile
 from pathlib import Path
 
 import lora_fixtures as fx
@@ -43,6 +44,7 @@ def compiled(tiny_weights, tmp_path_factory):
         # fast_path sets these process-wide; put them back afterwards for the other tests.
         mp.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
         mp.setattr(fast_path, "COMPILE_VAE_DECODER", False)  # not what this test is about; saves time
+        mp.setattr(tempfile, "tempdir", tempfile.tempdir)  # setup() points it at the worker's input folder
         torch._dynamo.reset()
         runner = predict.Predictor()
         runner.setup()  # on a CPU: loads, injects the LoRA slots, sets the main LoRA; compiles nothing

@@ -5,13 +5,17 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from images import ASPECT_RATIOS
+from images import ASPECT_RATIOS, InputDownloads
 
 SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 2}
 MAGIC = {"webp": (b"RIFF", 8, b"WEBP"), "jpg": (b"\xff\xd8\xff", 0, b""), "png": (b"\x89PNG\r\n\x1a\n", 0, b"")}
@@ -86,6 +90,29 @@ def test_output_names_never_collide_and_old_outputs_are_removed(run):
     assert len({p.name for p in first + second}) == 4
     assert second[0].parent != first_dir and not first_dir.exists()
 
+
+
+def test_failed_input_downloads_are_swept_by_the_next_prediction(tmp_path, monkeypatch):
+    """Cog leaves the temp file of an image URL whose download failed; the worker's own input
+    folder is swept as each prediction starts, sparing that prediction's inputs and anything
+    not named like a download, and a dead worker's folder goes at setup."""
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"flux-inputs-{dead.pid}"
+    stale.mkdir()
+    (stale / "tmpabcdefgh.png").write_bytes(b"x")
+    downloads = InputDownloads(tmp_path)
+    folder = downloads.isolate()
+    assert not stale.exists() and folder.is_dir()
+    assert Path(tempfile.NamedTemporaryFile(suffix="in.png", delete=False).name).parent == folder  # where Cog writes
+
+    leftover, current, other = folder / "tmpq1w2e3r_.png", folder / "tmpzzzzzzzzmask.png", folder / "model.bin"
+    for path in (leftover, current, other):
+        path.write_bytes(b"x")
+    assert downloads.sweep(keep=[current, None]) == 2  # the leftover and the NamedTemporaryFile above
+    assert not leftover.exists() and current.exists() and other.exists()
+    assert downloads.sweep(keep=[]) == 1 and not current.exists()
 
 # --- seeds -------------------------------------------------------------------------------------
 
