@@ -14,11 +14,16 @@ format's alpha folded into B, so that the module's change is exactly ΔW = B @ A
     whole blocks; here fused layers are split by the widths of the model at hand, and kohya's
     underscored names are mapped back through the model's own module names.
 
-Application: at construction, two fixed PEFT LoRA slots ("main", "extra") of rank `max_rank` are
-injected into every Linear layer of each transformer and of CLIP. A request copies its LoRAs into
-those slots in place (A padded with zero rows, s·B padded with zero columns), so the effect is
-s·B·A·x once, shapes never change (a compiled model never recompiles on a swap), base weights are
-never modified, and a model with no LoRA in effect has its adapters disabled: exactly the base.
+Application: at construction, ONE fixed PEFT LoRA adapter is injected into every Linear layer
+of each transformer and of CLIP, its ranks split into two regions: "main" (exactly as many ranks
+as the deployment's main LoRA, rounded up to a multiple of 8) and "extra" (`max_rank`, the
+LORA_MAX_RANK limit for extra LoRAs). Stacking the two LoRAs' ranks in one adapter computes
+s₁·B₁·A₁·x + s₂·B₂·A₂·x as one [B₁ B₂]·[A₁; A₂]·x: one pair of small matmuls and one add per
+layer instead of two, and no ranks spent on padding the main LoRA up to the extra limit. A
+request copies its LoRAs into their regions in place (A padded with zero rows, s·B with zero
+columns), so the effect is s·B·A·x once, shapes never change (a compiled model never recompiles
+on a swap), base weights are never modified, and a model with no LoRA in effect has its adapter
+disabled: exactly the base.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import math
 import os
 import re
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,7 +46,9 @@ from lora_sources import LoraCache, parse_source
 
 logger = logging.getLogger(__name__)
 
-SLOTS = ("main", "extra")
+ADAPTER = "loras"  # the one PEFT adapter holding both regions
+REGIONS = ("main", "extra")
+RANK_ALIGN = 8  # the main region is rounded up to this (matmul-friendly sizes)
 Pair = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]), ΔW = B @ A
 
 # ---------------------------------------------------------------- BFL module names → diffusers
@@ -361,39 +367,38 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- slots in the models
+# ---------------------------------------------------------------- the adapter in the models
 
 
-def _inject_slots(model: torch.nn.Module, max_rank: int) -> dict[str, torch.nn.Module]:
-    """Give every Linear layer of `model` the fixed LoRA slots, zero and disabled; returns name → LoRA layer.
+def _inject_adapter(model: torch.nn.Module, rank: int) -> dict[str, torch.nn.Module]:
+    """Give every Linear layer of `model` the fixed LoRA adapter, zero and disabled; returns name → LoRA layer.
 
-    The slots are created empty (`low_cpu_mem_usage`: no random init of ~1.4 G parameters per
-    slot at FLUX scale) and materialised as zeros on each base layer's device and dtype.
+    The adapter is created empty (`low_cpu_mem_usage`: no random init of ~1.4 G parameters at
+    FLUX scale) and materialised as zeros on each base layer's device and dtype.
     """
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    targets = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for slot in SLOTS:
-        config = LoraConfig(r=max_rank, lora_alpha=max_rank, target_modules=targets, lora_dropout=0.0)
-        with warnings.catch_warnings():  # the second slot is meant to be a second adapter
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(config, model, adapter_name=slot, low_cpu_mem_usage=True)
+    targets = list(_linear_shapes(model))
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     with torch.no_grad():
         for layer in layers.values():
             base = layer.get_base_layer().weight
-            for slot in SLOTS:
-                for module in (layer.lora_A[slot], layer.lora_B[slot]):
-                    module.to_empty(device=base.device).to(base.dtype).weight.zero_()
-                assert layer.scaling[slot] == 1.0
-            layer.set_adapter(list(SLOTS), inference_mode=True)
+            for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+                module.to_empty(device=base.device).to(base.dtype).weight.zero_()
+            if layer.scaling[ADAPTER] != 1.0:
+                raise RuntimeError(f"PEFT scales the adapter by {layer.scaling[ADAPTER]}, expected 1")
+            layer.set_adapter([ADAPTER], inference_mode=True)
             layer.enable_adapters(False)
     return layers
 
 
-def _shapes(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int]]:
-    return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+def _linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """name → (out, in) of every Linear layer, the layers that get the adapter."""
+    linears = (item for item in model.named_modules() if isinstance(item[1], torch.nn.Linear))
+    return {name: (m.out_features, m.in_features) for name, m in linears}
 
 
 class LoraManager:
@@ -406,7 +411,10 @@ class LoraManager:
         cache: LoraCache,
         max_rank: int = 128,
         memory_bytes: int = 8 << 30,
+        main: Path | None = None,
     ):
+        """`main`: the deployment's trained LoRA (None: plain FLUX); its rank sizes the main region.
+        `max_rank`: the largest extra LoRA rank served (LORA_MAX_RANK), the extra region's size."""
         self.transformers = list(transformers)
         self.text_encoder = text_encoder
         self.cache = cache
@@ -414,31 +422,38 @@ class LoraManager:
         self.memory_bytes = int(memory_bytes)
         start = time.monotonic()
         self._models = [*self.transformers, *([text_encoder] if text_encoder is not None else [])]
-        self._layers = {id(m): _inject_slots(m, self.max_rank) for m in self._models}
         self.shapes: dict[str, dict[str, tuple[int, int]]] = {"transformer": {}, "text_encoder": {}}
         for model in self.transformers:
-            for name, shape in _shapes(self._layers[id(model)]).items():
+            for name, shape in _linear_shapes(model).items():
                 if self.shapes["transformer"].setdefault(name, shape) != shape:
                     raise ValueError(f"the transformers differ in layer {name}; they must share one architecture")
         if text_encoder is not None:
-            self.shapes["text_encoder"] = _shapes(self._layers[id(text_encoder)])
+            self.shapes["text_encoder"] = _linear_shapes(text_encoder)
+        # The main LoRA is parsed first: its rank, rounded up, is the main region's size.
+        self._main = None if main is None else parse_lora(Path(main), Path(main).name, self.shapes, math.inf)
+        main_ranks = -(-self._main.rank // RANK_ALIGN) * RANK_ALIGN if self._main else 0
+        self.regions = {"main": range(0, main_ranks), "extra": range(main_ranks, main_ranks + self.max_rank)}
+        self.rank = main_ranks + self.max_rank
+        self._layers = {id(m): _inject_adapter(m, self.rank) for m in self._models}
         self._loaded: dict[tuple[int, str], tuple[str, float] | None] = {}
         self._dirty: dict[tuple[int, str], set[str]] = {}
         self._ranks: dict[tuple[int, str], dict[str, int]] = {}
         self._enabled: dict[int, bool] = dict.fromkeys(map(id, self._models), False)
         self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()
-        self._main: ParsedLora | None = None
         self._last: tuple | None = None
         logger.info(
-            "LoRA slots (rank %d) in %d layers of %d model(s) in %.2f s",
-            self.max_rank,
+            "LoRA adapter of rank %d (main %d + extra %d) in %d layers of %d model(s) in %.2f s",
+            self.rank,
+            len(self.regions["main"]),
+            len(self.regions["extra"]),
             sum(len(v) for v in self._layers.values()),
             len(self._models),
             time.monotonic() - start,
         )
+        self._log_main()
 
     @classmethod
-    def from_env(cls, transformers, text_encoder, cache: LoraCache) -> LoraManager:
+    def from_env(cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None) -> LoraManager:
         """LORA_MAX_RANK (default 128) and LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB)."""
         return cls(
             transformers,
@@ -446,14 +461,24 @@ class LoraManager:
             cache,
             max_rank=int(os.environ.get("LORA_MAX_RANK", "128")),
             memory_bytes=int(os.environ.get("LORA_MEMORY_MAX_BYTES", str(8 << 30))),
+            main=main,
         )
 
     # ---- what the predictor calls
 
     def set_main(self, path: Path | None) -> None:
-        """The trained fine-tune from the weights tree (None: plain FLUX). Parsed once, here."""
-        self._main = None if path is None else parse_lora(Path(path), Path(path).name, self.shapes, self.max_rank)
+        """Replace the main LoRA (None: plain FLUX); it must fit the main region sized at construction."""
+        main = None if path is None else parse_lora(Path(path), Path(path).name, self.shapes, math.inf)
+        if main is not None and main.rank > len(self.regions["main"]):
+            raise ValueError(
+                f"LoRA {main.label}: its rank {main.rank} does not fit the main LoRA's {len(self.regions['main'])} "
+                "ranks set up at construction; pass it as `main` when creating the LoraManager"
+            )
+        self._main = main
         self._last = None
+        self._log_main()
+
+    def _log_main(self) -> None:
         if self._main:
             logger.info(
                 "LoRA main %s: %d layers, rank %d, %s bytes",
@@ -501,7 +526,7 @@ class LoraManager:
 
     def compile_states(self, transformer: torch.nn.Module):
         """Put `transformer` in each state a torch.compile graph is specialised on, yielding in each:
-        adapters on, then off. What the slots hold does not matter (the graph reads them as
+        adapter on, then off. What the adapter holds does not matter (the graph reads its weights as
         tensors), so this works with no main LoRA too. Ends at the exact base model."""
         try:
             for enabled in (True, False):
@@ -513,8 +538,8 @@ class LoraManager:
     def reset(self) -> None:
         """Back to the exact base model (after a cancelled or failed request)."""
         for model in self._models:
-            for slot in SLOTS:
-                self._fill(model, slot, None, 0.0)
+            for region in REGIONS:
+                self._fill(model, region, None, 0.0)
             self._enable(model, False)
         self._last = None
 
@@ -553,13 +578,14 @@ class LoraManager:
             used = model is transformer or model is self.text_encoder
             changed += self._fill(model, "main", main if used else None, lora_scale)
             changed += self._fill(model, "extra", extra if used else None, extra_scale)
-            self._enable(model, any(self._loaded.get((id(model), s)) for s in SLOTS))
+            self._enable(model, any(self._loaded.get((id(model), r)) for r in REGIONS))
         return changed
 
     @torch.no_grad()
-    def _fill(self, model, slot: str, lora: ParsedLora | None, scale: float) -> int:
-        """Copy `lora` at `scale` into `slot` of `model`'s layers; zero what it leaves. Returns layers written."""
-        key = (id(model), slot)
+    def _fill(self, model, region: str, lora: ParsedLora | None, scale: float) -> int:
+        """Copy `lora` at `scale` into `region` of `model`'s layers; zero what it leaves. Returns layers written."""
+        key = (id(model), region)
+        start, size = self.regions[region].start, len(self.regions[region])
         layers = self._layers[id(model)]
         pairs = lora.components["text_encoder" if model is self.text_encoder else "transformer"] if lora else {}
         pairs = {name: pair for name, pair in pairs.items() if name in layers}
@@ -572,15 +598,15 @@ class LoraManager:
         dirty = self._dirty.get(key, set())
         self._dirty[key] = dirty | pairs.keys()
         self._loaded.pop(key, None)
-        ranks = self._ranks.setdefault(key, {})  # layer → how many leading ranks may be non-zero
+        ranks = self._ranks.setdefault(key, {})  # layer → how many leading ranks of the region may be non-zero
         for name in dirty - pairs.keys():
-            used = ranks.pop(name, self.max_rank)
-            layers[name].lora_A[slot].weight[:used].zero_()
-            layers[name].lora_B[slot].weight[:, :used].zero_()
+            used = ranks.pop(name, size)
+            layers[name].lora_A[ADAPTER].weight[start : start + used].zero_()
+            layers[name].lora_B[ADAPTER].weight[:, start : start + used].zero_()
         for name, (down, up) in pairs.items():
-            a = layers[name].lora_A[slot].weight
-            b = layers[name].lora_B[slot].weight
-            r, used = down.shape[0], ranks.get(name, self.max_rank)
+            a = layers[name].lora_A[ADAPTER].weight[start : start + size]
+            b = layers[name].lora_B[ADAPTER].weight[:, start : start + size]
+            r, used = down.shape[0], ranks.get(name, size)
             ranks[name] = max(r, used)
             a[:r].copy_(down)
             b[:, :r].copy_(up).mul_(scale)  # the one place the scale is applied
@@ -598,7 +624,7 @@ class LoraManager:
         for layer in self._layers[id(model)].values():
             layer.enable_adapters(enabled)
             if enabled:
-                layer.set_adapter(list(SLOTS), inference_mode=True)
+                layer.set_adapter([ADAPTER], inference_mode=True)
         self._enabled[id(model)] = enabled
 
     def _describe(self, transformer, main, lora_scale, extra, extra_scale) -> str:

@@ -46,9 +46,11 @@ class Predictor(BaseRunner):
             model_weights.ensure("safety-checker", root), model_weights.ensure("nsfw-detector", root), device, dtype
         )
         self.loras = LoraManager.from_env(
-            list(self.models.transformers.values()), self.models.text_encoder, LoraCache.from_env()
+            list(self.models.transformers.values()),
+            self.models.text_encoder,
+            LoraCache.from_env(),
+            main=model_weights.main_lora(root),
         )
-        self.loras.set_main(model_weights.main_lora(root))
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
         self.outputs = OutputWriter()
@@ -57,7 +59,7 @@ class Predictor(BaseRunner):
         logger.info("setup done in %.1f s", time.perf_counter() - started)
 
     def compile(self, warmup_sizes: list[tuple[int, int]]) -> None:
-        """The GPU fast path, after the LoRA slots exist so that LoRA swaps never recompile; warmed
+        """The GPU fast path, after the LoRA adapter exists so that LoRA swaps never recompile; warmed
         up in every LoRA adapter state, at batch 1 and 2 (fast_path.warmup)."""
         self.models.optimize(
             fp8=os.environ.get("FLUX_FP8") == "1", warmup_sizes=warmup_sizes, states=self.loras.compile_states

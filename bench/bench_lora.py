@@ -3,7 +3,7 @@
 Both on a transformer of FLUX.1's real width (common.FLUX_WIDTH: 3072 wide, 24 heads × 128,
 joint_attention_dim 4096) with 1 double and 1 single block, float32, with real-shaped rank-16
 LoRAs (kohya `lora_unet_double_blocks_0_…`/`…single_blocks_0_linear1`, and diffusers/PEFT keys)
-written by tests/lora_fixtures.py. The models with our slots and the anchor's model share the base
+written by tests/lora_fixtures.py. The models with our adapter and the anchor's model share the base
 weights (no copy); only the fused case has weights of its own.
 """
 
@@ -21,7 +21,7 @@ from common import REAL_BLOCKS, interleaved, median, paired_ratio, timed
 logger = logging.getLogger(__name__)
 
 RANK = 16
-STEP_SLOT_RANKS = (16, 32, 64, 128)  # LORA_MAX_RANK values whose per-step cost is measured
+STEP_SLOT_RANKS = (16, 64, 128)  # LORA_MAX_RANK values whose per-step cost is measured
 
 
 def _shallow(model):
@@ -74,8 +74,7 @@ def switching(base, files: dict[str, Path], cache_dir: Path, *, switches: int = 
     from lora_sources import LoraCache
 
     ours = _shallow(base)
-    manager = LoraManager([ours], None, LoraCache(cache_dir, 1 << 30), max_rank=128)
-    manager.set_main(files["main"])
+    manager = LoraManager([ours], None, LoraCache(cache_dir, 1 << 30), max_rank=128, main=files["main"])
     extras = [str(files["kohya"]), str(files["diffusers"])]
     for extra in extras:  # first use: parse (the LoRA is then in memory, as on a server after one request)
         manager.apply(ours, 1.0, extra, 1.0)
@@ -122,6 +121,31 @@ def switching(base, files: dict[str, Path], cache_dir: Path, *, switches: int = 
     }
 
 
+def _two_adapters(model, manager, rank: int):
+    """The previous design, for comparison: two PEFT adapters ("main", "extra") of `rank` in every
+    Linear, both active, the main LoRA copied into the first, the second all zeros."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    targets = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name in ("main", "extra"):
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
+        inject_adapter_in_model(config, model, adapter_name=name)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    pairs = manager._main.components["transformer"]
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for adapter in ("main", "extra"):
+                layer.lora_A[adapter].weight.zero_()
+                layer.lora_B[adapter].weight.zero_()
+            if name in pairs:
+                down, up = pairs[name]
+                layer.lora_A["main"].weight[: down.shape[0]].copy_(down)
+                layer.lora_B["main"].weight[:, : down.shape[0]].copy_(up)
+            layer.set_adapter(["main", "extra"], inference_mode=True)
+    return model
+
+
 def _inputs(image_tokens: int, text_tokens: int) -> dict:
     g = torch.Generator().manual_seed(0)
     return {
@@ -138,7 +162,6 @@ def _inputs(image_tokens: int, text_tokens: int) -> dict:
 
 def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, text_tokens: int = 512, rounds=2):
     """One denoising step (one transformer call) with the rank-16 main LoRA as each design applies it."""
-    from peft.tuners.lora import LoraLayer
 
     from lora_loader import LoraManager
     from lora_sources import LoraCache
@@ -147,21 +170,11 @@ def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, 
     keep = []
     for rank in STEP_SLOT_RANKS:
         model = _shallow(base)
-        manager = LoraManager([model], None, LoraCache(cache_dir, 1 << 30), max_rank=rank)
-        manager.set_main(files["main"])
-        manager.apply(model, 1.0, None, 1.0)  # as predict does by default: main on, extra slot empty
-        models[f"slots r{rank}, 2 active (ours)"] = model
+        manager = LoraManager([model], None, LoraCache(cache_dir, 1 << 30), max_rank=rank, main=files["main"])
+        manager.apply(model, 1.0, None, 1.0)  # as predict does by default: main on, extra region empty
+        models[f"1 adapter r{manager.rank} (main {RANK} + extra {rank}, ours)"] = model
         keep.append(manager)
-        if rank == 128:  # what deactivating the empty extra slot would give
-            model = _shallow(base)
-            manager = LoraManager([model], None, LoraCache(cache_dir, 1 << 30), max_rank=rank)
-            manager.set_main(files["main"])
-            manager.apply(model, 1.0, None, 1.0)
-            for layer in model.modules():
-                if isinstance(layer, LoraLayer):
-                    layer.set_adapter(["main"], inference_mode=True)
-            models[f"slots r{rank}, main only active"] = model
-            keep.append(manager)
+    models["2 adapters r128 + r128 (the design before)"] = _two_adapters(_shallow(base), keep[-1], 128)
     fused = copy.deepcopy(base)  # its own weights: W + B·A for every layer of the LoRA
     lora = keep[0]._main
     with torch.no_grad():

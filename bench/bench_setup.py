@@ -60,8 +60,8 @@ def breakdown(tree: Path) -> dict[str, float]:
             (FluxTransformer2DModel, "from_pretrained", "schnell transformer from_pretrained"),
             *((cls, "from_pipe", "img2img/inpaint from_pipe") for cls in pipelines.PIPELINE_CLASSES.values()),
             (predict.SafetyChecker, "load", "safety checker + NSFW detector"),
-            (lora_loader, "_inject_slots", "LoRA slots injected"),
-            (lora_loader.LoraManager, "set_main", "main LoRA parsed"),
+            (lora_loader, "_inject_adapter", "LoRA adapter injected"),
+            (lora_loader, "parse_lora", "main LoRA parsed"),
         ):
             stack.enter_context(_timing(owner, name, label, spent))
         start = time.perf_counter()

@@ -55,8 +55,9 @@ def setup(tree, hub, tmp_path_factory):
         },
     }
     cache = LoraCache(tmp_path_factory.mktemp("cache"), 1 << 30)
-    manager = LoraManager([pipe.transformer, schnell], pipe.text_encoder, cache, max_rank=MAX_RANK)
-    manager.set_main(tree / "lora.safetensors")
+    manager = LoraManager(
+        [pipe.transformer, schnell], pipe.text_encoder, cache, max_rank=MAX_RANK, main=tree / "lora.safetensors"
+    )
     main = load_file(tree / "lora.safetensors")
     main_delta = {
         k.removeprefix("transformer.").removesuffix(".lora_A.weight"): main[k.replace("lora_A", "lora_B")].double()
@@ -109,12 +110,12 @@ def check(model, base, deltas: list[tuple[float, dict]], component: str = "trans
         torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def slot_snapshot(manager) -> dict:
+def adapter_snapshot(manager) -> dict:
     state = {}
     for key, layers in manager._layers.items():
         for name, layer in layers.items():
-            for slot in lora_loader.SLOTS:
-                state[(key, name, slot)] = (layer.lora_A[slot].weight.clone(), layer.lora_B[slot].weight.clone())
+            adapter = lora_loader.ADAPTER
+            state[(key, name, adapter)] = (layer.lora_A[adapter].weight.clone(), layer.lora_B[adapter].weight.clone())
             state[(key, name, "enabled")] = not layer.disable_adapters
     return state
 
@@ -178,6 +179,30 @@ def test_main_and_extra_add_both_deltas_including_clip(setup):
     m.reset()
 
 
+def test_main_and_a_full_rank_extra_share_one_adapter_without_overlap(setup, hub):
+    """One adapter per layer: the main LoRA's ranks (4, rounded up to 8) then LORA_MAX_RANK for the
+    extra. An extra at the full limit fills its region; both deltas still add exactly, and a new
+    main LoRA of a rank beyond its region is refused without touching anything."""
+    s = setup
+    m = s["manager"]
+    assert m.rank == 8 + MAX_RANK and len(m.regions["main"]) == 8
+    layer = next(iter(m._layers[id(s["pipe"].transformer)].values()))
+    assert layer.lora_A[lora_loader.ADAPTER].weight.shape[0] == m.rank and list(layer.lora_A) == [lora_loader.ADAPTER]
+    full = fx.diffusers_peft(s["pipe"].transformer, rank=MAX_RANK, seed=11)
+    hub.add("/extra/full.safetensors", full.to_bytes())
+    m.apply(s["pipe"].transformer, 0.5, f"{hub.url}/extra/full.safetensors", 1.5)
+    check(s["pipe"].transformer, s["base"]["dev"], [(0.5, s["main_delta"]), (1.5, full.deltas)])
+    m.apply(s["pipe"].transformer, 0.5, s["extra_url"], 1.0)  # a lower-rank extra: the rest of the region is zeroed
+    check(s["pipe"].transformer, s["base"]["dev"], [(0.5, s["main_delta"]), (1.0, s["extra"].deltas)])
+    before = adapter_snapshot(m)
+    bigger = s["files"] / "main_rank_16.safetensors"
+    bigger.write_bytes(fx.diffusers_peft(s["pipe"].transformer, rank=16, seed=12).to_bytes())
+    with pytest.raises(ValueError, match="does not fit the main LoRA's 8 ranks"):
+        m.set_main(bigger)
+    assert same_state(before, adapter_snapshot(m))
+    m.reset()
+
+
 def test_main_lora_applies_to_schnell_too(setup):
     s = setup
     s["manager"].apply(s["schnell"], 1.0, None, 0.0)
@@ -199,7 +224,7 @@ def test_an_extra_identical_to_the_main_is_applied_once(setup):
 def test_without_a_main_lora(setup):
     s = setup
     m = LoraManager([fx_transformer()], None, s["cache"], max_rank=MAX_RANK)
-    m.set_main(None)
+    assert m.rank == MAX_RANK  # no ranks spent on a main region
     t = m.transformers[0]
     base = {n: w.double() for n, w in _base_weights(t).items()}
     m.apply(t, 1.0, s["other_url"], 0.5)
@@ -260,11 +285,11 @@ def test_a_failing_extra_lora_leaves_the_model_bit_for_bit(setup, hub):
     }
     m.apply(s["pipe"].transformer, 0.8, s["extra_url"], 0.5)
     before_image = image(s["pipe"])
-    before = slot_snapshot(m)
+    before = adapter_snapshot(m)
     for source, message in failures.items():
         with pytest.raises(ValueError, match=message):
             m.apply(s["pipe"].transformer, 0.8, source, 0.5)
-        assert same_state(slot_snapshot(m), before), source
+        assert same_state(adapter_snapshot(m), before), source
     assert np.array_equal(image(s["pipe"]), before_image)
     # and from the base model too
     m.reset()
@@ -395,7 +420,7 @@ def test_compile_states_cover_adapters_on_and_off_without_a_main_lora(setup):
 
             layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
             active.append({not layer.disable_adapters for layer in layers})
-            assert np.array_equal(image(s["pipe"]), expected)  # the slots are empty: the base model either way
+            assert np.array_equal(image(s["pipe"]), expected)  # the adapter is empty: the base model either way
         assert active == [{True}, {False}]
         assert np.array_equal(image(s["pipe"]), expected)
     finally:

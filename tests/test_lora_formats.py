@@ -18,7 +18,7 @@ SCALE = 0.75
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A manager over fresh copies of the models (slots injected), with their base weights."""
+    """A manager over fresh copies of the models (adapter injected), with their base weights."""
     dev = tiny_weights.flux_transformer(True, 0)
     schnell = tiny_weights.flux_transformer(False, 7)
     clip = _clip()
@@ -46,7 +46,7 @@ def _linear_weights(model):
 def _check_effective(manager, model, component, base, deltas, scale):
     """Every layer of `model` is base + scale·ΔW (ΔW = 0 for layers the LoRA does not target)."""
     effective = fx.effective_weights(model)
-    assert effective, "no LoRA slots in the model"
+    assert effective, "no LoRA adapter in the model"
     targeted = 0
     for name, weight in effective.items():
         delta = deltas.get(f"{component}.{name}")

@@ -47,7 +47,7 @@ def compiled(tiny_weights, tmp_path_factory):
         mp.setattr(tempfile, "tempdir", tempfile.tempdir)  # setup() points it at the worker's input folder
         torch._dynamo.reset()
         runner = predict.Predictor()
-        runner.setup()  # on a CPU: loads, injects the LoRA slots, sets the main LoRA; compiles nothing
+        runner.setup()  # on a CPU: loads, injects the LoRA adapter with the main LoRA's region; compiles nothing
 
         # setup()'s GPU branch, on the CPU: fast_path's own _optimize, with the eager backend.
         for transformer in runner.models.transformers.values():
@@ -129,7 +129,7 @@ def test_lora_swaps_across_requests_never_recompile(compiled, caplog):
 
 
 def test_compiled_output_matches_eager_after_swaps(compiled):
-    # The compiled blocks read the slots' current values (no stale constants): force_eager runs the
+    # The compiled blocks read the adapter's current values (no stale constants): force_eager runs the
     # very same modules without the compiled code and must give the same picture.
     run, _, loras = compiled
     request = {**SIZE, "num_inference_steps": 2, "extra_lora": loras["bfl-r8-no-linear1"], "extra_lora_scale": -0.5}
@@ -143,7 +143,7 @@ def test_compiled_output_matches_eager_after_swaps(compiled):
     assert np.abs(compiled_out[0] - eager_out[0]).max() <= 1
 
 
-def test_rank_above_the_slots_is_refused_without_touching_the_compiled_model(compiled, tmp_path):
+def test_rank_above_the_extra_region_is_refused_without_touching_the_compiled_model(compiled, tmp_path):
     run, runner, loras = compiled
     too_big = fx.diffusers_peft(runner.models.transformers["dev"], rank=MAX_RANK + 1, seed=18)
     path = too_big.write(Path(tmp_path) / "big.safetensors")
@@ -156,20 +156,21 @@ def test_rank_above_the_slots_is_refused_without_touching_the_compiled_model(com
 
 
 def test_the_harness_catches_a_recompile(compiled):
-    # Negative control: a change the compiled graphs are guarded on (here: which adapters are
-    # active, as PEFT's set_adapter would change it) does raise under error_on_recompile, so the
-    # tests above would have caught a swap that recompiled.
-    from lora_loader import SLOTS
+    # Negative control: a change the compiled graphs are guarded on (here: the adapter's weights
+    # requiring grad, as PEFT's set_adapter would make them outside inference mode) does raise
+    # under error_on_recompile, so the tests above would have caught a swap that recompiled.
+    from lora_loader import ADAPTER
 
     run, runner, _ = compiled
     layers = runner.loras._layers[id(runner.models.transformers["dev"])].values()
-    runner.loras.apply(runner.models.transformers["dev"], 1.0, None, 1.0)  # adapters on
+    runner.loras.apply(runner.models.transformers["dev"], 1.0, None, 1.0)  # adapter on
     try:
         for layer in layers:
-            layer.set_adapter(["main"], inference_mode=True)
+            layer.lora_A[ADAPTER].weight.requires_grad_(True)
         with torch._dynamo.config.patch(error_on_recompile=True):
             with pytest.raises(RuntimeError, match="Recompil"):
                 run(**SIZE, num_inference_steps=1)
     finally:
         for layer in layers:
-            layer.set_adapter(list(SLOTS), inference_mode=True)
+            layer.lora_A[ADAPTER].weight.requires_grad_(False)
+        runner.loras.reset()

@@ -91,7 +91,6 @@ def test_output_names_never_collide_and_old_outputs_are_removed(run):
     assert second[0].parent != first_dir and not first_dir.exists()
 
 
-
 def test_failed_input_downloads_are_swept_by_the_next_prediction(tmp_path, monkeypatch):
     """Cog leaves the temp file of an image URL whose download failed; the worker's own input
     folder is swept as each prediction starts, sparing that prediction's inputs and anything
@@ -113,6 +112,7 @@ def test_failed_input_downloads_are_swept_by_the_next_prediction(tmp_path, monke
     assert downloads.sweep(keep=[current, None]) == 2  # the leftover and the NamedTemporaryFile above
     assert not leftover.exists() and current.exists() and other.exists()
     assert downloads.sweep(keep=[]) == 1 and not current.exists()
+
 
 # --- seeds -------------------------------------------------------------------------------------
 
