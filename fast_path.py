@@ -1,37 +1,49 @@
-"""GPU fast path for the FLUX pipelines: attention backend, regional torch.compile, optional fp8.
+"""GPU fast path for the FLUX pipelines: attention backend, regional torch.compile, optional fp8,
+and a compile cache kept across restarts.
 
 Called from the predictor's setup() on CUDA only; importing this module does nothing (torch is
 imported, torchao is not). Measured at real scale on an H100 by bench/gpu_bench.py: bench/GPU.md.
 
-Call order in setup() (the LoRA rules come from how torch.compile guards the PEFT layers):
+Call order in setup() (Predictor.compile → pipelines.FluxModels.optimize):
 
-    pipe = ... .to("cuda")                       # bf16 FluxPipeline
-    prepare_lora_hotswap(pipe, max_rank=R)       # 1. before the first LoRA is loaded
-    pipe.load_lora_weights(first, adapter_name=NAME)
-                                                 # 2. before compiling: the compiled blocks must
-                                                 #    already contain every LoRA layer a later
-                                                 #    LoRA will use (a placeholder is fine)
-    optimize_pipeline(pipe, fp8=...)             # 3. attention backend, fp8, compile (lazy)
-    warmup(pipe, [(1024, 1024)])                 # 4. compiles now, not on the first request
+    LoraManager(transformers, ...)               # 1. before compiling: a fixed-rank PEFT LoRA adapter
+                                                 #    in every Linear (lora_loader.py), so the compiled
+                                                 #    graphs already contain every LoRA layer
+    with compile_cache(dir, key):                # 2. if given a directory: load the graphs a previous
+                                                 #    start saved; on exit save them (FluxModels.optimize)
+        for each transformer (dev, schnell):
+            optimize_pipeline(pipe, fp8=...)     # 3. attention backend, fp8, compile (lazy)
+            for _ in loras.compile_states(transformer):   # adapters on, then off
+                warmup(pipe, sizes)              # 4. compiles now, not on the first request
 
-Per request: `pipe.load_lora_weights(sd, adapter_name=NAME, hotswap=True)` (measured: no
-recompile), and the strength either as `joint_attention_kwargs={"scale": s}` (s != 0; one scale
-for all adapters) or per adapter by writing PEFT's scaling tensors in place,
-`layer.scaling[NAME].fill_(s * base)` for every LoRA layer, `base` being the layer's value right
-after the (hot)swap (checked on CPU: equal to `set_adapters` to 1e-7, s = 0 and s < 0 included,
-no recompile). What does recompile a compiled transformer (each time its state changes):
-`set_adapters(...)` (turns the scales back into floats), `disable_lora()`/`enable_lora()`,
-`joint_attention_kwargs={"scale": 0}`, loading an adapter without `hotswap=True`, calling the
-pipeline under torch.inference_mode in one place and not in another; a hotswapped LoRA that
-targets a module the first one did not fails outright. Image sizes and prompt lengths do not
-recompile (dynamic shapes; measured).
+Per request, `LoraManager.apply` copies A and scale·B into the adapter's weights in place:
+tensors change, the graphs do not (tests/test_no_recompile.py checks that no request recompiles).
+What does recompile a compiled transformer (each time its state changes; measured): switching the
+PEFT adapters on or off (a graph per state, hence a warm-up in each of `compile_states`);
+`set_adapters(...)` (it turns PEFT's scales into Python floats the graph is specialised on) and
+`joint_attention_kwargs={"scale": 0}`, neither of which LoraManager uses (the scale is multiplied
+into B); flipping `requires_grad` on parameters (hence `requires_grad_(False)` before compiling);
+calling the pipeline under torch.inference_mode in one place and not in another. Image sizes and
+prompt lengths do not recompile (dynamic shapes; measured).
+
+`prepare_lora_hotswap` is not on that path: it serves bench/gpu_bench.py, whose LoRAs are diffusers
+adapters swapped with `load_lora_weights(..., hotswap=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import logging
+import os
+import re
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -181,6 +193,169 @@ def warmup(pipe, sizes: list[tuple[int, int]], steps: int = 2, batch_sizes: tupl
         )
 
 
+# ---------------------------------------------------------------- compile cache across restarts
+
+
+@dataclass
+class CompileCacheStats:
+    """What `compile_cache` did, for logs and tests: artifact kind → count."""
+
+    path: Path
+    loaded: dict[str, int] = field(default_factory=dict)  # read from the file on entry
+    hits: dict[str, int] = field(default_factory=dict)  # compiled graphs found in a cache, in the block
+    misses: dict[str, int] = field(default_factory=dict)  # compiled graphs built from scratch, in the block
+    saved_bytes: int | None = None  # written on exit (None: nothing written)
+
+
+# torch's counters of its two compiled-graph caches: kind → (counter group, hit counter, miss counter).
+_CACHE_COUNTERS = {
+    "inductor": ("inductor", "fxgraph_cache_hit", "fxgraph_cache_miss"),
+    "aot_autograd": ("aot_autograd", "autograd_cache_hit", "autograd_cache_miss"),
+}
+
+
+def compile_cache_key(device: torch.device | str, fp8: bool, extra: str = "") -> str:
+    """A file name (no extension) for the compile cache of this software, GPU and configuration.
+
+    Readable head (torch version, `sm90` or `cpu`, `fp8`/`bf16`) and a hash of everything that
+    shapes the compiled graphs: torch, CUDA, triton, diffusers, peft and torchao versions, the
+    GPU's name and compute capability, this module's compile settings, and `extra` (the caller's
+    part: the LoRA adapter's rank, warm-up sizes, model configs). Torch keys each cached graph by its own
+    content as well, so a stale entry is a cache miss, never a wrong graph; the key keeps one file
+    per configuration so that configurations do not overwrite each other's graphs.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        hardware = f"sm{major}{minor}"
+        details = [torch.cuda.get_device_name(device), f"capability {major}.{minor}", f"cuda {torch.version.cuda}"]
+    else:
+        hardware, details = device.type, []
+    versions = [f"{name} {_version(name)}" for name in ("triton", "diffusers", "peft", "torchao")]
+    settings = [f"dynamic={DYNAMIC_SHAPES}", f"vae_decoder={COMPILE_VAE_DECODER}", f"attention={ATTENTION_BACKENDS}"]
+    everything = "\n".join([f"torch {torch.__version__}", *details, f"fp8={bool(fp8)}", *versions, *settings, extra])
+    digest = hashlib.sha256(everything.encode()).hexdigest()[:16]
+    head = f"torch{torch.__version__}-{hardware}-{'fp8' if fp8 else 'bf16'}"
+    return f"{re.sub(r'[^A-Za-z0-9._]+', '-', head)}-{digest}"
+
+
+@contextmanager
+def compile_cache(directory: Path | str, key: str) -> Iterator[CompileCacheStats]:
+    """Keep what torch.compile builds inside the block in `<directory>/<key>.bin` across restarts.
+
+    On entry, loads that file if there is one (PyTorch's "Mega-Cache",
+    `torch.compiler.load_cache_artifacts`): it fills inductor's and AOTAutograd's local caches, so
+    the compilations in the block find their graphs (and on CUDA the Triton kernels) instead of
+    building them. Dynamo still traces the code: a restart saves the code generation and kernel
+    compiles, not the tracing. A file that cannot be read is logged as a warning and ignored: the
+    block then compiles from scratch. On a normal exit, saves everything torch.compile has built
+    or found in this process (`torch.compiler.save_cache_artifacts`) to the file, atomically (a
+    temporary file in the same directory, then os.replace), unless all of it came from the file
+    already; a directory that cannot be written is a warning. After an exception nothing is
+    saved. Logs what was loaded, the cache hits and misses of the block, and what was saved;
+    yields the same figures as a `CompileCacheStats`.
+
+    `pipelines.FluxModels.optimize(cache_dir=...)` puts its compile and warm-up in this; the
+    predictor wires it (a directory in the weights tree, switched off by FLUX_COMPILE_CACHE=0).
+    """
+    path = Path(directory) / f"{key}.bin"
+    stats = CompileCacheStats(path=path)
+    loaded = _load_cache(path, stats)
+    before = _cache_counts()
+    yield stats
+    after = _cache_counts()
+    for kind, (hits, misses) in after.items():
+        stats.hits[kind] = hits - before[kind][0]
+        stats.misses[kind] = misses - before[kind][1]
+    logger.info(
+        "compile cache: %s",
+        ", ".join(f"{kind} graphs {stats.hits[kind]} from cache, {stats.misses[kind]} built" for kind in after),
+    )
+    _save_cache(path, loaded, stats)
+
+
+def _load_cache(path: Path, stats: CompileCacheStats) -> set[tuple[str, str]]:
+    """Load `path` into torch's caches; returns the (kind, key) of each artifact loaded."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        logger.info("compile cache: no %s yet; compiling from scratch", path)
+        return set()
+    except OSError as error:
+        logger.warning("compile cache: cannot read %s (%s); compiling from scratch", path, error)
+        return set()
+    try:
+        info = torch.compiler.load_cache_artifacts(data)  # None when the bytes do not deserialize
+    except Exception as error:  # noqa: BLE001 - a bad cache must never fail setup
+        logger.warning("compile cache: %s not loaded (%r); compiling from scratch", path, error)
+        return set()
+    if info is None:
+        logger.warning("compile cache: %s is not a readable cache file; compiling from scratch", path)
+        return set()
+    stats.loaded = {kind: len(keys) for kind, keys in info.artifacts.items()}
+    logger.info(
+        "compile cache: loaded %s from %s (%.1f MB)",
+        ", ".join(f"{n} {kind}" for kind, n in stats.loaded.items()) or "nothing",
+        path,
+        len(data) / 1e6,
+    )
+    return _artifact_keys(info)
+
+
+def _save_cache(path: Path, loaded: set[tuple[str, str]], stats: CompileCacheStats) -> None:
+    try:
+        saved = torch.compiler.save_cache_artifacts()  # (bytes, CacheInfo), None if nothing was compiled
+    except Exception as error:  # noqa: BLE001 - the cache must never fail setup
+        logger.warning("compile cache: nothing saved (%r); going on without it", error)
+        return
+    if saved is None:
+        logger.info("compile cache: nothing compiled, nothing to save")
+        return
+    data, info = saved
+    if _artifact_keys(info) <= loaded:  # every graph came from the file: rewriting it would change nothing
+        logger.info("compile cache: %s is up to date", path)
+        return
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+            temporary = Path(f.name)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        logger.warning("compile cache: cannot save %s (%s); going on without it", path, error)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        return
+    stats.saved_bytes = len(data)
+    logger.info(
+        "compile cache: saved %s (%.1f MB) to %s",
+        ", ".join(f"{len(keys)} {kind}" for kind, keys in info.artifacts.items()),
+        len(data) / 1e6,
+        path,
+    )
+
+
+def _artifact_keys(info) -> set[tuple[str, str]]:
+    """(kind, key) of each artifact a torch.compiler CacheInfo lists."""
+    return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+
+
+def _cache_counts() -> dict[str, tuple[int, int]]:
+    from torch._dynamo.utils import counters
+
+    return {kind: (counters[group][hit], counters[group][miss]) for kind, (group, hit, miss) in _CACHE_COUNTERS.items()}
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
 def _compiled_graph_count() -> int:
     """Graphs torch.compile has produced in this process (a growing count means recompiles)."""
     from torch._dynamo.utils import counters
@@ -221,7 +396,7 @@ def _fp8_unavailable_reason(device: torch.device) -> str | None:
 
 
 def _is_block_linear(module: torch.nn.Module, fqn: str) -> bool:
-    """Linear layers of the repeated blocks, but never LoRA adapter weights (kept bf16, hotswapped)."""
+    """Linear layers of the repeated blocks, but never LoRA adapter weights (kept bf16, rewritten per request)."""
     return isinstance(module, torch.nn.Linear) and fqn.startswith(_BLOCK_PREFIXES) and ".lora_" not in fqn
 
 

@@ -60,9 +60,16 @@ class Predictor(BaseRunner):
 
     def compile(self, warmup_sizes: list[tuple[int, int]]) -> None:
         """The GPU fast path, after the LoRA adapter exists so that LoRA swaps never recompile; warmed
-        up in every LoRA adapter state, at batch 1 and 2 (fast_path.warmup)."""
+        up in every LoRA adapter state, at batch 1 and 2 (fast_path.warmup). The compiled graphs are
+        kept in FLUX_COMPILE_CACHE (default: compile-cache/ in the weights tree; 0: off) so that a
+        restart on the same GPU and software skips most of the compiling."""
+        cache = os.environ.get("FLUX_COMPILE_CACHE", str(model_weights.weights_dir() / "compile-cache"))
         self.models.optimize(
-            fp8=os.environ.get("FLUX_FP8") == "1", warmup_sizes=warmup_sizes, states=self.loras.compile_states
+            fp8=os.environ.get("FLUX_FP8") == "1",
+            warmup_sizes=warmup_sizes,
+            states=self.loras.compile_states,
+            cache_dir=None if cache in ("", "0") else Path(cache),
+            cache_key_extra=f"LoRA adapter rank {self.loras.rank} (main {len(self.loras.regions['main'])})",
         )
 
     def run(

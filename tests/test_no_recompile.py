@@ -41,6 +41,7 @@ def compiled(tiny_weights, tmp_path_factory):
         mp.setenv("FLUX_WEIGHTS_DIR", str(tiny_weights))
         mp.setenv("LORA_MAX_RANK", str(MAX_RANK))
         mp.setenv("LORA_CACHE_DIR", str(tmp_path_factory.mktemp("lora-cache")))
+        mp.setenv("FLUX_COMPILE_CACHE", str(tmp_path_factory.mktemp("compile-cache")))
         # fast_path sets these process-wide; put them back afterwards for the other tests.
         mp.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
         mp.setattr(fast_path, "COMPILE_VAE_DECODER", False)  # not what this test is about; saves time
