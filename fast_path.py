@@ -25,9 +25,6 @@ PEFT adapters on or off (a graph per state, hence a warm-up in each of `compile_
 into B); flipping `requires_grad` on parameters (hence `requires_grad_(False)` before compiling);
 calling the pipeline under torch.inference_mode in one place and not in another. Image sizes and
 prompt lengths do not recompile (dynamic shapes; measured).
-
-`prepare_lora_hotswap` is not on that path: it serves bench/gpu_bench.py, whose LoRAs are diffusers
-adapters swapped with `load_lora_weights(..., hotswap=True)`.
 """
 
 from __future__ import annotations
@@ -70,17 +67,6 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 # The transformer's repeated blocks; fp8 quantizes only the Linear layers inside them.
 _BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-
-
-def prepare_lora_hotswap(pipe, max_rank: int) -> None:
-    """Let LoRAs of any rank <= max_rank be swapped in later without recompiling.
-
-    Must run before the first `load_lora_weights` (and therefore before `optimize_pipeline`):
-    the first adapter's layers are then padded to `max_rank` and its scales kept as tensors.
-    Every adapter runs at `max_rank` afterwards, so keep it as low as the LoRAs you serve allow.
-    """
-    pipe.enable_lora_hotswap(target_rank=int(max_rank))
-    logger.info("LoRA hotswap enabled (max rank %d)", max_rank)
 
 
 def optimize_pipeline(pipe, *, fp8: bool = False, compile: bool = True) -> None:

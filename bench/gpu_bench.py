@@ -7,12 +7,25 @@ VAE). Text encoding uses random prompt embeddings of the real shapes (T5-XXL 512
 Random weights do the same arithmetic as real ones, so timings carry over; pictures do not.
 
 Cases at 1024x1024 (dev 28 steps, schnell 4): (a) diffusers eager bf16, (b) fast_path bf16
-(attention backend + regional compile, lossless), (c) fast_path with fp8. Every case has a rank-16
-LoRA on the attention projections loaded as a diffusers/PEFT adapter, and is followed by hotswaps
-to LoRAs of other ranks (and a LoRA-scale change) while counting torch.compile recompiles.
+(attention backend + regional compile, lossless), (c) fast_path with fp8. LoRAs go through the
+product's own code, as predict.py runs it: before compiling, `lora_loader.LoraManager` injects ONE
+fixed-rank PEFT adapter into every Linear layer, its ranks split into a "main" region (the
+deployment's rank-16 LoRA, rounded up to 8) and an "extra" region of `--max-rank` (LORA_MAX_RANK);
+each request's `LoraManager.apply` copies A and scale·B into the regions in place. The LoRAs are
+random, on the attention projections, written as diffusers/PEFT safetensors files to a temporary
+folder (the main one is passed as `main=`, the extras as local-path sources). The fast cases warm
+up like `pipelines.FluxModels.optimize` (`fast_path.warmup` in each of `compile_states`: adapter
+on, then off) and then serve requests with extra LoRAs of rank 8 and `--max-rank`, lora_scale
+changes and no LoRA at all, counting the torch.compile graphs each one adds (all should be 0).
+Every case records seconds per image with the main LoRA only (the headline), main + extra, and the
+adapter off: `apply(transformer, 0.0, None, ...)` disables the adapter, and a disabled PEFT layer
+calls its base Linear and nothing else, so that state computes exactly the base model (eager (a)
+off = FLUX with no adapter, give or take PEFT's Python wrapper per layer; a second 12 B copy
+without the adapter would not fit the budget of one GPU).
 
     python bench/gpu_bench.py --out $OUT/gpu_bench.json          # on the GPU machine (bench/GPU.md)
-    python bench/gpu_bench.py --tiny --device cpu --out /tmp/b.json   # CPU self-test of the script
+    python bench/gpu_bench.py --tiny --device cpu --size 96 --other-sizes 160x96 --sections \
+        --warmup-batches 1 --out /tmp/b.json                     # CPU self-test of the script
 """
 
 from __future__ import annotations
@@ -86,7 +99,6 @@ LORA_TARGETS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
-ADAPTER = "style"
 
 
 class Bench:
@@ -355,8 +367,8 @@ class Bench:
         self.sync()
         t0 = time.perf_counter()
         # Called like the predictor calls it: the pipeline runs under torch.no_grad() by itself.
-        # (Not torch.inference_mode(): LoRA scale tensors made under it are "inference tensors",
-        # and a compiled block recompiles when that flag of an input changes.)
+        # (Not torch.inference_mode(): the warm-up does not use it either, and a compiled block
+        # recompiles when the "inference tensor" flag of an input changes.)
         image = pipe(
             prompt_embeds=prompt,
             pooled_prompt_embeds=pooled,
@@ -402,31 +414,92 @@ class Bench:
             times.append(round(seconds, 4))
         return times, image
 
+    def write_lora(self, directory: Path, name: str, transformer, rank: int, seed: int) -> Path:
+        """A random LoRA (diffusers/PEFT keys) written as a safetensors file, as a user would supply it."""
+        from safetensors.torch import save_file
+
+        path = directory / f"{name}.safetensors"
+        state = self.lora(transformer, rank, seed)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path))
+        return path
+
+    def apply(self, manager, pipe, lora_scale: float, extra: Path | None, extra_scale: float = 1.0) -> float:
+        """One request's `LoraManager.apply`, exactly as predict.py calls it; returns its seconds."""
+        self.sync()
+        t0 = time.perf_counter()
+        manager.apply(pipe.transformer, lora_scale, None if extra is None else str(extra), extra_scale)
+        self.sync()
+        return round(time.perf_counter() - t0, 4)
+
     def run_model(self, kind: str) -> None:
+        import tempfile
+
+        from lora_loader import LoraManager
+        from lora_sources import LoraCache
+
         args = self.args
         graphs = fast_path._compiled_graph_count
         if not self.time_left(60, f"{kind} (all cases)"):
             return
         pipe, info = self.make_pipe(kind)
-        fast_path.prepare_lora_hotswap(pipe, args.max_rank)
-        first = self.lora(pipe.transformer, 16, seed=1)
-        swaps = [
-            (8, self.lora(pipe.transformer, 8, seed=2)),
-            (args.max_rank, self.lora(pipe.transformer, args.max_rank, seed=3)),
-        ]
-        t0 = time.perf_counter()
-        pipe.load_lora_weights(dict(first), adapter_name=ADAPTER)
-        self.sync()
-        info["lora_load_s"] = round(time.perf_counter() - t0, 3)
-        info["lora_tensors"] = len(first)
-        steps = self.steps[kind]
+        with tempfile.TemporaryDirectory(prefix="gpu_bench_loras_") as tmp:
+            directory = Path(tmp)
+            # The deployment's main LoRA (rank 16) and two extra LoRAs, as files like a user's.
+            t0 = time.perf_counter()
+            main = self.write_lora(directory, "main_r16", pipe.transformer, 16, seed=1)
+            small = min(8, args.max_rank)
+            extras = {
+                "small": self.write_lora(directory, f"extra_r{small}", pipe.transformer, small, seed=2),
+                "big": self.write_lora(directory, f"extra_r{args.max_rank}", pipe.transformer, args.max_rank, seed=3),
+            }
+            info["lora_files_s"] = round(time.perf_counter() - t0, 2)
+            # Before compiling, as predict.py's setup(): one adapter (main region + extra region)
+            # injected into every Linear layer of the transformer.
+            self.sync()
+            t0 = time.perf_counter()
+            manager = LoraManager([pipe.transformer], None, LoraCache(directory, 1 << 40), args.max_rank, main=main)
+            self.sync()
+            adapter_params = sum(p.numel() for n, p in pipe.transformer.named_parameters() if ".lora_" in n)
+            info.update(
+                lora_manager_s=round(time.perf_counter() - t0, 2),
+                adapter_rank=manager.rank,
+                adapter_regions={r: len(manager.regions[r]) for r in manager.regions},
+                adapter_layers=sum(1 for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")),
+                adapter_params_m=round(adapter_params / 1e6, 1),
+            )
+            logger.info("LoRA adapter: %s", info)
+            self.run_cases(kind, pipe, manager, extras, info, graphs)
+            manager = None
+        pipe = None
+        self.free()
 
-        # (a) eager bf16, diffusers as it comes
+    def run_cases(self, kind, pipe, manager, extras, info, graphs) -> None:
+        args = self.args
+        steps = self.steps[kind]
+        big = extras["big"]
+
+        # (a) eager bf16, the same adapter: main LoRA only (the reference), main + extra, adapter off
         self.reset_peak()
+        main_apply_s = self.apply(manager, pipe, 1.0, None)
         self.generate(pipe, kind)  # warm-up: cuBLAS/cuDNN handles, allocator
         times, eager_image = self.timed_runs(pipe, kind, args.eager_runs)
         reference = self.one_step_latents(pipe, kind)
-        self.add_case(kind, "a_eager_bf16", steps, times, info=info, peak_gb=self.peak_gb())
+        eager = {"main_apply_s": main_apply_s}
+        eager["main_extra_apply_s"] = self.apply(manager, pipe, 1.0, big)  # includes reading the file
+        eager["main_extra_runs_s"], _ = self.timed_runs(pipe, kind, args.lora_runs)
+        eager["off_apply_s"] = self.apply(manager, pipe, 0.0, None)
+        eager["off_runs_s"], _ = self.timed_runs(pipe, kind, args.lora_runs)
+        self.add_case(
+            kind,
+            "a_eager_bf16",
+            steps,
+            times,
+            info=info,
+            adapter_rank=manager.rank,
+            lora=eager,
+            lora_s=self.lora_summary(times, eager["main_extra_runs_s"], eager["off_runs_s"]),
+            peak_gb=self.peak_gb(),
+        )
         self.free()
 
         variants = [("b_fast_bf16", False)]
@@ -439,27 +512,42 @@ class Bench:
             if not self.time_left(args.case_budget_s, f"{kind} {name}"):
                 break
             try:
-                self.fast_case(pipe, kind, name, fp8, eager_image, reference, swaps, first, graphs)
+                self.fast_case(pipe, kind, name, fp8, eager_image, reference, manager, extras, graphs)
             except Exception as error:  # noqa: BLE001 - record it, then go on with the next case
                 logger.exception("%s %s failed", kind, name)
+                manager.reset()
                 self.add_case(kind, name, steps, [], error=f"{type(error).__name__}: {str(error)[:500]}")
-        del pipe, reference
-        self.free()
 
-    def fast_case(self, pipe, kind, name, fp8, eager_image, reference, swaps, first, graphs) -> None:
+    @staticmethod
+    def lora_summary(main_runs, main_extra_runs, off_runs) -> dict:
+        """Mean seconds per generation: main LoRA only, main + extra LoRA, adapter off (= the base model)."""
+
+        def mean(runs):
+            return round(statistics.mean(runs), 4) if runs else None
+
+        return {"main": mean(main_runs), "main_extra": mean(main_extra_runs), "off": mean(off_runs)}
+
+    def fast_case(self, pipe, kind, name, fp8, eager_image, reference, manager, extras, graphs) -> None:
         args = self.args
         steps = self.steps[kind]
         torch._dynamo.reset()  # a clean compile per case (inductor's on-disk cache stays warm)
-        # back to the first LoRA, at its own scale, for comparable pictures
-        pipe.load_lora_weights(dict(first), adapter_name=ADAPTER, hotswap=True)
+        manager.reset()
         self.reset_peak()
         t0 = time.perf_counter()
         fast_path._optimize(pipe, fp8=fp8, compile=True)
         optimize_s = time.perf_counter() - t0
+        # Warm-up as pipelines.FluxModels.optimize does it: once per adapter state (on, then off).
         g0 = graphs()
-        fast_path.warmup(pipe, [(self.size, self.size)], steps=2)
+        warmups = []
+        for _ in manager.compile_states(pipe.transformer):
+            t_state, g_state = time.perf_counter(), graphs()
+            fast_path.warmup(pipe, [(self.size, self.size)], steps=2, batch_sizes=tuple(args.warmup_batches))
+            warmups.append({"s": round(time.perf_counter() - t_state, 1), "new_graphs": graphs() - g_state})
         cold_s = time.perf_counter() - t0
         graphs_first = graphs() - g0
+
+        # The first request's state: the main LoRA at its own scale (as the eager reference).
+        main_apply_s = self.apply(manager, pipe, 1.0, None)
 
         # other sizes and the other text length: should need no new graphs (dynamic shapes)
         g1 = graphs()
@@ -477,35 +565,54 @@ class Bench:
         recompiles_timed = graphs() - g2
         peak = self.peak_gb()
 
-        # LoRA hotswaps between requests, and a LoRA-scale change: must not recompile
-        hotswaps = []
-        for rank, state in swaps:
+        # Requests changing the LoRAs, as predict.py applies them: extra LoRAs of other ranks, a
+        # lora_scale change, no LoRA at all (adapter off) and back. None may compile a new graph.
+        small, big = extras["small"], extras["big"]
+        plan = [  # (label, lora_scale, extra LoRA file, extra_lora_scale); "main+extra" marks the big one at 1.0
+            ("main+extra small", 1.0, small, 1.0),
+            ("main+extra", 1.0, big, 1.0),
+            ("main 0.7, extra 0.8", 0.7, big, 0.8),
+            ("main, extra small 0.8", 1.0, small, 0.8),
+            ("off", 0.0, None, 1.0),  # lora_scale 0 and no extra: adapter disabled, the base model
+            ("main+extra", 1.0, big, 1.0),
+            ("main", 1.0, None, 1.0),
+        ]
+        requests = []
+        for label, lora_scale, extra, extra_scale in plan:
             g = graphs()
-            self.sync()
-            t_swap = time.perf_counter()
-            pipe.load_lora_weights(dict(state), adapter_name=ADAPTER, hotswap=True)
-            self.sync()
-            swap_s = time.perf_counter() - t_swap
-            swap_times, _ = self.timed_runs(pipe, kind, 1)
-            hotswaps.append(
-                {"rank": rank, "swap_s": round(swap_s, 4), "runs_s": swap_times, "new_graphs": graphs() - g}
+            apply_s = self.apply(manager, pipe, lora_scale, extra, extra_scale)
+            runs, _ = self.timed_runs(pipe, kind, args.lora_runs)
+            requests.append(
+                {
+                    "request": label,
+                    "lora_scale": lora_scale,
+                    "extra": None if extra is None else extra.name,
+                    "extra_scale": extra_scale,
+                    "apply_s": apply_s,
+                    "runs_s": runs,
+                    "new_graphs": graphs() - g,
+                }
             )
-        g = graphs()
-        scale_times, _ = self.timed_runs(pipe, kind, 1, joint_attention_kwargs={"scale": 0.7})
-        hotswaps.append({"lora_scale": 0.7, "runs_s": scale_times, "new_graphs": graphs() - g})
+        main_extra = [t for r in requests if r["request"] == "main+extra" for t in r["runs_s"]]
+        off = [t for r in requests if r["request"] == "off" for t in r["runs_s"]]
         self.add_case(
             kind,
             name,
             steps,
             times,
+            adapter_rank=manager.rank,
+            lora_s=self.lora_summary(times, main_extra, off),
             optimize_s=round(optimize_s, 1),
             cold_start_s=round(cold_s, 1),
+            warmup_states=warmups,
             graphs_first_warmup=graphs_first,
+            main_apply_s=main_apply_s,
             other_sizes=other_sizes,
             other_sizes_s=round(other_s, 1),
             recompiles_other_sizes=recompiles_sizes,
             recompiles_timed=recompiles_timed,
-            hotswaps=hotswaps,
+            requests=requests,
+            recompiles_requests=sum(r["new_graphs"] for r in requests),
             rel_err_1step_latents_vs_eager=rel_err,
             image_vs_eager=self.image_diff(image, eager_image),
             peak_gb=peak,
@@ -523,15 +630,19 @@ class Bench:
 
     def table(self) -> str:
         lines = [
-            "| model | variant | steps | mean s | cold start s | recompiles (sizes/timed/swaps) | peak GB |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| model | variant | steps | adapter rank | mean s (main LoRA) | main+extra s | adapter off s "
+            "| cold start s | new graphs (sizes/timed/LoRA requests) | peak GB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in self.results["cases"]:
-            swaps = sum(h["new_graphs"] for h in c.get("hotswaps", []))
-            rec = f"{c['recompiles_other_sizes']}/{c['recompiles_timed']}/{swaps}" if "recompiles_timed" in c else "-"
+            rec = "-"
+            if "recompiles_timed" in c:
+                rec = f"{c['recompiles_other_sizes']}/{c['recompiles_timed']}/{c['recompiles_requests']}"
             mean = c.get("mean_s", c.get("error", "?"))
+            lora = c.get("lora_s", {})
             lines.append(
-                f"| {c['model']} | {c['variant']} | {c['steps']} | {mean} | {c.get('cold_start_s', '-')} "
+                f"| {c['model']} | {c['variant']} | {c['steps']} | {c.get('adapter_rank', '-')} | {mean} "
+                f"| {lora.get('main_extra', '-')} | {lora.get('off', '-')} | {c.get('cold_start_s', '-')} "
                 f"| {rec} | {c.get('peak_gb')} |"
             )
         return "\n".join(lines)
@@ -547,7 +658,23 @@ def parse_args(argv=None):
     parser.add_argument("--schnell-steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per fast case")
     parser.add_argument("--eager-runs", type=int, default=2, help="timed runs of the eager baseline")
-    parser.add_argument("--max-rank", type=int, default=32, help="prepare_lora_hotswap max_rank")
+    parser.add_argument(
+        "--max-rank",
+        type=int,
+        default=128,
+        help="LoraManager max_rank: the extra region's ranks (the product's LORA_MAX_RANK, default 128); "
+        "the adapter's rank is this + 16 (the main LoRA's region)",
+    )
+    parser.add_argument(
+        "--lora-runs", type=int, default=1, help="timed runs per LoRA request (main+extra, off, ...) of every case"
+    )
+    parser.add_argument(
+        "--warmup-batches",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="batch sizes of the warm-up in each adapter state (the predictor's: 1 2)",
+    )
     parser.add_argument(
         "--other-sizes",
         type=lambda s: tuple(int(x) for x in s.split("x")),

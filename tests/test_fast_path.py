@@ -52,12 +52,6 @@ def random_lora(transformer, rank: int, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def lora_layers(transformer):
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in transformer.modules() if isinstance(m, LoraLayer)]
-
-
 def test_import_has_no_side_effects():
     # A fresh interpreter: torchao is not imported, torch's compile settings are untouched, and
     # nothing is printed or logged.
@@ -87,7 +81,6 @@ def test_public_api_signatures():
     assert str(inspect.signature(fast_path.warmup)) == (
         "(pipe, sizes: 'list[tuple[int, int]]', steps: 'int' = 2, batch_sizes: 'tuple[int, ...]' = (1, 2)) -> 'None'"
     )
-    assert str(inspect.signature(fast_path.prepare_lora_hotswap)) == "(pipe, max_rank: 'int') -> 'None'"
 
 
 def test_optimize_pipeline_is_a_logged_no_op_on_cpu(caplog):
@@ -113,35 +106,6 @@ def test_warmup_runs_without_text_encoders(caplog):
     assert caplog.text.count("warm-up") == 4  # each size at batch 1 and 2
     assert "64x48 ×1" in caplog.text and "48x64 ×2" in caplog.text
     fast_path.warmup(pipe, [])  # nothing to do
-
-
-def test_prepare_lora_hotswap_pads_and_swaps_ranks():
-    pipe = tiny_pipe()
-    fast_path.prepare_lora_hotswap(pipe, max_rank=8)
-    pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
-    layers = lora_layers(pipe.transformer)
-    assert len(layers) == 6  # to_q/k/v of the double block and of the single block
-    for layer in layers:
-        assert layer.lora_A["style"].weight.shape[0] == 8  # padded to max_rank
-        assert layer.lora_B["style"].weight.shape[1] == 8
-        assert isinstance(layer.scaling["style"], torch.Tensor)  # changeable without recompiling
-    # a LoRA of another rank swaps in place: same parameter objects, new values
-    a_param = layers[0].lora_A["style"].weight
-    new = random_lora(pipe.transformer, 2, seed=2)
-    pipe.load_lora_weights(new, adapter_name="style", hotswap=True)
-    assert layers[0].lora_A["style"].weight is a_param
-    key = next(k for k in new if k.endswith("lora_A.weight"))
-    module = pipe.transformer.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
-    weight = module.lora_A["style"].weight
-    assert torch.equal(weight[:2], new[key])
-    assert torch.count_nonzero(weight[2:]) == 0
-
-
-def test_prepare_lora_hotswap_must_come_before_the_first_lora():
-    pipe = tiny_pipe()
-    pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
-    with pytest.raises(RuntimeError, match="before loading the first adapter"):
-        fast_path.prepare_lora_hotswap(pipe, max_rank=8)
 
 
 def test_fp8_filter_takes_block_linears_but_never_lora_or_embedders():
@@ -170,14 +134,12 @@ def test_attention_backend_falls_back_to_native():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_compiled_pipeline_serves_sizes_and_hotswaps_without_recompiling():
+def test_gpu_compiled_pipeline_serves_sizes_without_recompiling():
     pipe = tiny_pipe("cuda", torch.bfloat16)
-    fast_path.prepare_lora_hotswap(pipe, max_rank=8)
     pipe.load_lora_weights(random_lora(pipe.transformer, 4, seed=1), adapter_name="style")
     fast_path.optimize_pipeline(pipe)
     fast_path.warmup(pipe, [(96, 96)], steps=2)
     graphs = fast_path._compiled_graph_count()
     fast_path.warmup(pipe, [(160, 96), (96, 160)], steps=2)
-    pipe.load_lora_weights(random_lora(pipe.transformer, 2, seed=2), adapter_name="style", hotswap=True)
     fast_path.warmup(pipe, [(96, 96)], steps=2)
     assert fast_path._compiled_graph_count() == graphs
