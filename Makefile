@@ -8,7 +8,7 @@ DIR ?= weights
 PORT ?= 5000
 TINY := .tiny-weights
 
-.PHONY: install demo test serve tiny-weights schema lint bench clean
+.PHONY: install demo test soak serve tiny-weights schema lint bench clean
 
 # Idempotent: re-running only installs what changed (the stamp follows pyproject.toml).
 install: $(VENV)/.installed
@@ -31,6 +31,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/gen_schema.py --check
 	$(BIN)/python -m pytest -q
+
+# The long soak (1,000 predictions over HTTP, ≈ 2.5 min on 2 cores); CI runs it after `make test`.
+soak: install
+	$(BIN)/python -m pytest -q -m slow tests/test_soak.py -k long_soak -s
 
 # The real Cog HTTP server, as the container runs it, on the weights in FLUX_WEIGHTS_DIR.
 serve: install
