@@ -433,7 +433,6 @@ class LoraManager:
         self._main = None if main is None else parse_lora(Path(main), Path(main).name, self.shapes, math.inf)
         main_ranks = -(-self._main.rank // RANK_ALIGN) * RANK_ALIGN if self._main else 0
         self.regions = {"main": range(0, main_ranks), "extra": range(main_ranks, main_ranks + self.max_rank)}
-        self.rank = main_ranks + self.max_rank
         self._layers = {id(m): _inject_adapter(m, self.rank) for m in self._models}
         self._loaded: dict[tuple[int, str], tuple[str, float] | None] = {}
         self._dirty: dict[tuple[int, str], set[str]] = {}
@@ -451,6 +450,11 @@ class LoraManager:
             time.monotonic() - start,
         )
         self._log_main()
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank: the main region's ranks plus the extra region's."""
+        return self.regions["extra"].stop
 
     @classmethod
     def from_env(cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None) -> LoraManager:
