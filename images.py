@@ -1,6 +1,6 @@
 """Images in and out: output sizes, reading the user's image and mask, writing the outputs.
 
-Everything a user can get wrong about an image ends here in a ValueError with one line that
+Everything a user can get wrong about an image ends here in a UserError with one line that
 says what was wrong and what to do.
 """
 
@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
+
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def txt2img_size(aspect_ratio: str, width: int | None, height: int | None) -> tu
             logger.info("width/height are ignored unless aspect_ratio is 'custom'")
         return ASPECT_RATIOS[aspect_ratio]
     if width is None or height is None:
-        raise ValueError("aspect_ratio 'custom' needs both width and height: set them (256 to 1440).")
+        raise UserError("aspect_ratio 'custom' needs both width and height: set them (256 to 1440).")
     size = round_to_multiple(width), round_to_multiple(height)
     if size != (width, height):
         logger.info("custom size %d×%d rounded to %d×%d (multiples of 16)", width, height, *size)
@@ -73,7 +75,7 @@ def size_for_image(width: int, height: int) -> tuple[int, int]:
     if min(width, height) * scale < MIN_SIDE:
         scale = MIN_SIDE / min(width, height)
         if max(width, height) * scale > MAX_SIDE + MULTIPLE / 2:
-            raise ValueError(
+            raise UserError(
                 f"image is {width}×{height}: too narrow for FLUX, whose sides must both fit "
                 f"{MIN_SIDE} to {MAX_SIDE} px. Crop it to an aspect ratio of at most 5.6:1."
             )
@@ -87,22 +89,22 @@ def open_image(path: str | Path, what: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_INPUT_PIXELS:
-                    raise ValueError(
+                    raise UserError(
                         f"{what} is {image.width}×{image.height} pixels, more than the "
                         f"{MAX_INPUT_PIXELS // 1_000_000} megapixels accepted: upload a smaller image."
                     )
                 image.load()
                 return ImageOps.exif_transpose(image)
-    except ValueError:
+    except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(
+        raise UserError(
             f"{what} has more pixels than the {MAX_INPUT_PIXELS // 1_000_000} megapixels accepted: "
             "upload a smaller image."
         ) from None
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying the file is broken
         logger.info("could not decode %s: %r", what, error)
-        raise ValueError(
+        raise UserError(
             f"{what} could not be read as an image ({type(error).__name__}): upload a PNG, JPEG or WebP file."
         ) from None
 

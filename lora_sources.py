@@ -12,7 +12,7 @@ Accepted sources (`parse_source`):
 
 Base URLs come from HF_ENDPOINT, REPLICATE_ENDPOINT and CIVITAI_ENDPOINT; tokens from HF_TOKEN,
 REPLICATE_API_TOKEN and CIVITAI_API_TOKEN (sent as Authorization headers, only to the host they
-belong to, never logged). Every failure is a ValueError with one line for the user.
+belong to, never logged). Every failure is a UserError with one line for the user.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
+
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +114,15 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
-def _unsupported(text: str) -> ValueError:
+def _unsupported(text: str) -> UserError:
     shown = redact(text) if "://" in text else text[:200]
-    return ValueError(f"Unsupported LoRA source {shown!r}. Accepted: {ACCEPTED_FORMS}.")
+    return UserError(f"Unsupported LoRA source {shown!r}. Accepted: {ACCEPTED_FORMS}.")
 
 
 def parse_source(text: str) -> Source:
     text = (text or "").strip()
     if not text:
-        raise ValueError(f"Empty LoRA source. Accepted: {ACCEPTED_FORMS}.")
+        raise UserError(f"Empty LoRA source. Accepted: {ACCEPTED_FORMS}.")
     if text.startswith("file://"):
         return _local(Path(unquote(urlsplit(text).path)))
     if "://" not in text:
@@ -163,7 +165,7 @@ def _replicate(m: re.Match) -> Source:
 def _huggingface(parts, text: str) -> Source:
     segs = [unquote(s) for s in parts.path.split("/") if s]
     if len(segs) < 2 or segs[0] in ("datasets", "spaces"):
-        raise ValueError(f"Hugging Face LoRA {redact(text)!r}: give a model repo, huggingface.co/owner/repo.")
+        raise UserError(f"Hugging Face LoRA {redact(text)!r}: give a model repo, huggingface.co/owner/repo.")
     repo, rest = f"{segs[0]}/{segs[1]}", segs[2:]
     revision, filename, folder = "main", "", ""
     if len(rest) >= 2 and rest[0] in ("resolve", "blob", "tree"):
@@ -240,21 +242,21 @@ def check_url_allowed(url: str, settings: Settings) -> None:
     """Refuse URLs whose host resolves to a loopback, private, link-local or metadata address."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"Refusing to fetch {redact(url)!r}: only http(s) URLs are allowed.")
+        raise UserError(f"Refusing to fetch {redact(url)!r}: only http(s) URLs are allowed.")
     if settings.allow_private:
         return
     host = parts.hostname
     try:
         addresses = resolve_host(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError) as e:
-        raise ValueError(f"Could not resolve host {host!r} of {redact(url)!r}.") from e
+        raise UserError(f"Could not resolve host {host!r} of {redact(url)!r}.") from e
     for text in addresses:
         address = ipaddress.ip_address(text.split("%")[0])
         mapped = getattr(address, "ipv4_mapped", None)
         if mapped is not None:
             address = mapped
         if not address.is_global or address.is_multicast:
-            raise ValueError(
+            raise UserError(
                 f"Refusing to fetch {redact(url)!r}: {host} resolves to a private, loopback, link-local or "
                 "metadata address (set LORA_ALLOW_PRIVATE_URLS=1 to allow private mirrors)."
             )
@@ -286,18 +288,18 @@ class _Fetcher:
                     timeout=(self.settings.timeout, self.settings.timeout),
                 )
             except requests.exceptions.Timeout as e:
-                raise ValueError(f"{what}: timed out after {self.settings.timeout:g} s ({redact(url)}).") from e
+                raise UserError(f"{what}: timed out after {self.settings.timeout:g} s ({redact(url)}).") from e
             except requests.exceptions.RequestException as e:
-                raise ValueError(f"{what}: could not connect to {redact(url)}.") from e
+                raise UserError(f"{what}: could not connect to {redact(url)}.") from e
             if response.is_redirect and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])
                 response.close()
                 continue
             if response.status_code >= 400:
                 response.close()
-                raise ValueError(f"{what}: {_describe_status(response)} ({redact(url)}).")
+                raise UserError(f"{what}: {_describe_status(response)} ({redact(url)}).")
             return response
-        raise ValueError(f"{what}: too many redirects.")
+        raise UserError(f"{what}: too many redirects.")
 
     def json(self, url: str, headers: dict[str, str], what: str):
         response = self.open(url, headers, what)
@@ -305,7 +307,7 @@ class _Fetcher:
         try:
             return json.loads(body), response
         except ValueError as e:
-            raise ValueError(f"{what}: the server did not answer with JSON ({redact(url)}).") from e
+            raise UserError(f"{what}: the server did not answer with JSON ({redact(url)}).") from e
 
     def to_file(self, url: str, headers: dict[str, str], dest: Path, what: str) -> None:
         response = self.open(url, headers, what)
@@ -313,19 +315,19 @@ class _Fetcher:
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > cap:
             response.close()
-            raise ValueError(f"{what}: the file is {int(length):,} bytes, over the {cap:,}-byte limit.")
+            raise UserError(f"{what}: the file is {int(length):,} bytes, over the {cap:,}-byte limit.")
         deadline = time.monotonic() + self.settings.total_timeout
         size = 0
         with response, open(dest, "wb") as out:
             for chunk in self._chunks(response, what):
                 size += len(chunk)
                 if size > cap:
-                    raise ValueError(f"{what}: the file is over the {cap:,}-byte limit.")
+                    raise UserError(f"{what}: the file is over the {cap:,}-byte limit.")
                 if time.monotonic() > deadline:
-                    raise ValueError(f"{what}: download took longer than {self.settings.total_timeout:g} s.")
+                    raise UserError(f"{what}: download took longer than {self.settings.total_timeout:g} s.")
                 out.write(chunk)
         if length.isdigit() and size != int(length):
-            raise ValueError(f"{what}: the download was cut short ({size:,} of {int(length):,} bytes).")
+            raise UserError(f"{what}: the download was cut short ({size:,} of {int(length):,} bytes).")
 
     def _read_capped(self, response: requests.Response, cap: int, what: str) -> bytes:
         data = bytearray()
@@ -333,7 +335,7 @@ class _Fetcher:
             for chunk in self._chunks(response, what):
                 data += chunk
                 if len(data) > cap:
-                    raise ValueError(f"{what}: the answer is too large.")
+                    raise UserError(f"{what}: the answer is too large.")
         return bytes(data)
 
     def _chunks(self, response: requests.Response, what: str):
@@ -341,10 +343,10 @@ class _Fetcher:
             yield from response.iter_content(CHUNK)
         except requests.exceptions.ConnectionError as e:
             if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
-                raise ValueError(f"{what}: timed out after {self.settings.timeout:g} s without data.") from e
-            raise ValueError(f"{what}: the connection broke during the download.") from e
+                raise UserError(f"{what}: timed out after {self.settings.timeout:g} s without data.") from e
+            raise UserError(f"{what}: the connection broke during the download.") from e
         except requests.exceptions.RequestException as e:
-            raise ValueError(f"{what}: the connection broke during the download.") from e
+            raise UserError(f"{what}: the connection broke during the download.") from e
 
 
 def _describe_status(response: requests.Response) -> str:
@@ -367,21 +369,21 @@ def _describe_status(response: requests.Response) -> str:
 
 
 def check_safetensors(path: Path) -> None:
-    """Raise ValueError unless `path` is a complete safetensors file. Nothing is unpickled, ever."""
+    """Raise UserError unless `path` is a complete safetensors file. Nothing is unpickled, ever."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"not a safetensors file ({_sniff(head)})")
+            raise UserError(f"not a safetensors file ({_sniff(head)})")
         (n,) = struct.unpack("<Q", head)
         if not 2 <= n <= min(size - 8, 100 << 20):
-            raise ValueError(f"not a safetensors file ({_sniff(head + f.read(504))})")
+            raise UserError(f"not a safetensors file ({_sniff(head + f.read(504))})")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
-            raise ValueError("not a safetensors file (its header is not JSON)") from e
+            raise UserError("not a safetensors file (its header is not JSON)") from e
     if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (its header is not a JSON object)")
+        raise UserError("not a safetensors file (its header is not a JSON object)")
     end = 0
     tensors = 0
     for name, entry in header.items():
@@ -392,13 +394,13 @@ def check_safetensors(path: Path) -> None:
             if not 0 <= begin <= stop or not all(isinstance(d, int) and d >= 0 for d in entry["shape"]):
                 raise ValueError
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a safetensors file (bad entry {name!r})") from e
+            raise UserError(f"not a safetensors file (bad entry {name!r})") from e
         end = max(end, stop)
         tensors += 1
     if tensors == 0:
-        raise ValueError("the safetensors file holds no tensors")
+        raise UserError("the safetensors file holds no tensors")
     if 8 + n + end != size:
-        raise ValueError(f"the safetensors file is truncated or padded ({size:,} bytes, expected {8 + n + end:,})")
+        raise UserError(f"the safetensors file is truncated or padded ({size:,} bytes, expected {8 + n + end:,})")
 
 
 def _sniff(head: bytes) -> str:
@@ -426,8 +428,8 @@ def _pick(names: list[str], where: str) -> str:
         if len(matches) == 1:
             return matches[0]
     if not candidates:
-        raise ValueError(f"{where} holds no .safetensors file (found: {', '.join(names[:20]) or 'nothing'}).")
-    raise ValueError(
+        raise UserError(f"{where} holds no .safetensors file (found: {', '.join(names[:20]) or 'nothing'}).")
+    raise UserError(
         f"{where} holds several .safetensors files and none is named {' or '.join(HF_PREFERRED)}: "
         f"{', '.join(candidates[:20])}. Name the file in the URL (…/resolve/main/<file>)."
     )
@@ -439,7 +441,7 @@ def _extract_tar(archive: Path, dest: Path, cap: int, what: str) -> None:
         name = _pick(sorted(members), f"{what}: the archive")
         member = members[name]
         if member.size > cap:
-            raise ValueError(f"{what}: {name} is {member.size:,} bytes, over the {cap:,}-byte limit.")
+            raise UserError(f"{what}: {name} is {member.size:,} bytes, over the {cap:,}-byte limit.")
         with tar.extractfile(member) as src, open(dest, "wb") as out:
             while chunk := src.read(CHUNK):
                 out.write(chunk)
@@ -451,7 +453,7 @@ def finalize_download(raw: Path, dest: Path, settings: Settings, what: str) -> N
         check_safetensors(raw)
         os.replace(raw, dest)
         return
-    except ValueError as e:
+    except UserError as e:
         first_error = e
     if tarfile.is_tarfile(raw):
         inner = raw.with_suffix(".inner")
@@ -459,13 +461,13 @@ def finalize_download(raw: Path, dest: Path, settings: Settings, what: str) -> N
             _extract_tar(raw, inner, settings.max_file_bytes, what)
             try:
                 check_safetensors(inner)
-            except ValueError as e:
-                raise ValueError(f"{what}: the archive's file is {e}.") from e
+            except UserError as e:
+                raise UserError(f"{what}: the archive's file is {e}.") from e
             os.replace(inner, dest)
         finally:
             inner.unlink(missing_ok=True)
         return
-    raise ValueError(f"{what}: {first_error}.")
+    raise UserError(f"{what}: {first_error}.")
 
 
 # ---------------------------------------------------------------- resolution and the cache
@@ -494,7 +496,7 @@ class LoraCache:
         return self.cache_dir / (hashlib.sha256(source.key.encode()).hexdigest()[:40] + ".safetensors")
 
     def fetch(self, source: str) -> Path:
-        """A local, complete, valid .safetensors file for `source`; ValueError (one line) on any failure."""
+        """A local, complete, valid .safetensors file for `source`; UserError (one line) on any failure."""
         parsed = parse_source(source)
         if parsed.kind == "local":
             return self._check_local(parsed)
@@ -532,11 +534,11 @@ class LoraCache:
     def _check_local(self, source: Source) -> Path:
         path = source.path
         if not path.is_file():
-            raise ValueError(f"LoRA file {source.label!r} does not exist.")
+            raise UserError(f"LoRA file {source.label!r} does not exist.")
         try:
             check_safetensors(path)
-        except ValueError as e:
-            raise ValueError(f"LoRA file {source.label!r}: {e}.") from e
+        except UserError as e:
+            raise UserError(f"LoRA file {source.label!r}: {e}.") from e
         return path
 
     @contextlib.contextmanager
@@ -617,7 +619,7 @@ def _resolve_huggingface(source: Source, settings: Settings, fetcher: _Fetcher, 
         for _ in range(100):  # the tree is paginated with Link headers
             entries, response = fetcher.json(url, headers, what)
             if not isinstance(entries, list):
-                raise ValueError(f"{what}: unexpected answer from the Hugging Face API.")
+                raise UserError(f"{what}: unexpected answer from the Hugging Face API.")
             names += [e["path"] for e in entries if isinstance(e, dict) and e.get("type") == "file"]
             url = response.links.get("next", {}).get("url")
             if not url:
@@ -635,13 +637,13 @@ def _resolve_civitai(source: Source, settings: Settings, fetcher: _Fetcher, what
     model, _ = fetcher.json(f"{base}/api/v1/models/{source.model_id}", headers, what)
     versions = model.get("modelVersions") if isinstance(model, dict) else None
     if not versions:
-        raise ValueError(f"{what}: the model has no published versions.")
+        raise UserError(f"{what}: the model has no published versions.")
     newest = versions[0]  # CivitAI lists a model's versions newest first
     files = [f for f in newest.get("files") or [] if f.get("type", "Model") == "Model"]
     safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
     if not safetensors:
         found = ", ".join(f.get("name", "?") for f in files) or "none"
-        raise ValueError(f"{what}: its newest version has no SafeTensor model file (files: {found}).")
+        raise UserError(f"{what}: its newest version has no SafeTensor model file (files: {found}).")
     chosen = next((f for f in safetensors if f.get("primary")), safetensors[0])
     logger.info("LoRA %s: newest version is %s (%s)", source.label, newest.get("id"), chosen.get("name"))
     download = chosen.get("downloadUrl") or f"/api/download/models/{newest.get('id')}"

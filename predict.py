@@ -19,6 +19,7 @@ from cog import BaseRunner, Input, Path
 
 import images
 import model_weights
+from errors import UserError
 from images import ASPECT_RATIOS, InputDownloads, OutputWriter
 from lora_loader import LoraManager
 from lora_sources import LoraCache
@@ -220,14 +221,14 @@ class Predictor(BaseRunner):
 def check_inputs(prompt, image, mask, seed, num_outputs) -> int:
     """Every check that needs more than the schema; returns the seed to use."""
     if prompt is None or not prompt.strip():
-        raise ValueError("prompt is empty: describe the image you want.")
+        raise UserError("prompt is empty: describe the image you want.")
     if mask is not None and image is None:
-        raise ValueError("mask was given without image: inpainting needs both, or drop the mask.")
+        raise UserError("mask was given without image: inpainting needs both, or drop the mask.")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "big")
         logger.info("no seed given: using random seed %d", seed)
     if not 0 <= seed <= SEED_MAX - num_outputs:
-        raise ValueError(f"seed {seed} is out of range: use an integer from 0 to {SEED_MAX - 4}.")
+        raise UserError(f"seed {seed} is out of range: use an integer from 0 to {SEED_MAX - 4}.")
     return seed
 
 
@@ -269,11 +270,11 @@ def limit_allocator_growth() -> None:
 
 @contextmanager
 def user_errors():
-    """User mistakes (ValueError) pass through as their one line; anything else is logged with its
+    """User mistakes (UserError) pass through as their one line; anything else is logged with its
     traceback and reported as one line that points to the logs."""
     try:
         yield
-    except ValueError as error:
+    except UserError as error:
         logger.info("prediction failed: %s", error)
         raise
     except Exception as error:

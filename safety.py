@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from errors import UserError
+
 logger = logging.getLogger(__name__)
 
 NSFW_MESSAGE = "NSFW content detected. Try running it again, or try a different prompt."
 
 
-class NSFWError(ValueError):
+class NSFWError(UserError):
     """Every image of the batch was unsafe."""
 
     def __init__(self) -> None:

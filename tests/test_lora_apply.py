@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora_loader
+from errors import UserError
 from lora_loader import LoraManager
 from lora_sources import LoraCache
 
@@ -197,7 +198,7 @@ def test_main_and_a_full_rank_extra_share_one_adapter_without_overlap(setup, hub
     before = adapter_snapshot(m)
     bigger = s["files"] / "main_rank_16.safetensors"
     bigger.write_bytes(fx.diffusers_peft(s["pipe"].transformer, rank=16, seed=12).to_bytes())
-    with pytest.raises(ValueError, match="does not fit the main LoRA's 8 ranks"):
+    with pytest.raises(UserError, match="does not fit the main LoRA's 8 ranks"):
         m.set_main(bigger)
     assert same_state(before, adapter_snapshot(m))
     m.reset()
@@ -287,14 +288,14 @@ def test_a_failing_extra_lora_leaves_the_model_bit_for_bit(setup, hub):
     before_image = image(s["pipe"])
     before = adapter_snapshot(m)
     for source, message in failures.items():
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UserError, match=message):
             m.apply(s["pipe"].transformer, 0.8, source, 0.5)
         assert same_state(adapter_snapshot(m), before), source
     assert np.array_equal(image(s["pipe"]), before_image)
     # and from the base model too
     m.reset()
     base_image = image(s["reference"])
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         m.apply(s["pipe"].transformer, 1.0, f"{hub.url}/bad/missing.safetensors", 1.0)
     assert np.array_equal(image(s["pipe"]), base_image)
 

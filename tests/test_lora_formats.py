@@ -9,8 +9,10 @@ import lora_fixtures as fx
 import pytest
 import torch
 
-from lora_loader import LoraManager, parse_lora
+from errors import UserError
+from lora_loader import LoraManager
 from lora_sources import LoraCache
+from loras.formats import parse_lora
 from scripts import tiny_weights
 
 SCALE = 0.75
@@ -99,7 +101,7 @@ def test_our_bfl_converter_agrees_with_diffusers_where_diffusers_works(tiny):
     """
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    from lora_loader import convert_bfl_family
+    from loras.formats import convert_bfl_family
 
     manager, dev, *_ = tiny
     lora = fx.bfl_family(dev, style="kohya", single_linear1=False, alpha=4.0)
@@ -151,7 +153,7 @@ def test_lora_for_another_model_matches_nothing(tiny, tmp_path):
         "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
     }
     save_file(sd15, tmp_path / "sd15.safetensors")
-    with pytest.raises(ValueError, match="matches no layer of this FLUX model"):
+    with pytest.raises(UserError, match="matches no layer of this FLUX model"):
         parse_lora(tmp_path / "sd15.safetensors", "sd15", manager.shapes, 8)
 
 
@@ -163,14 +165,14 @@ def test_wrong_width_is_an_error(tiny, tmp_path):
     other = flux_transformer(guidance_embeds=False, seed=0, heads=3)
     for fmt in ("diffusers", "kohya"):
         path = fx.FORMATS[fmt](other).write(tmp_path / f"{fmt}.safetensors")
-        with pytest.raises(ValueError, match="another model or size"):
+        with pytest.raises(UserError, match="another model or size"):
             parse_lora(path, fmt, manager.shapes, 8)
 
 
 def test_rank_over_the_limit_names_it(tiny, tmp_path):
     manager, dev, *_ = tiny
     path = fx.diffusers_peft(dev, rank=16).write(tmp_path / "r16.safetensors")
-    with pytest.raises(ValueError, match=r"rank is 16, over this server's limit of 8 \(LORA_MAX_RANK\)"):
+    with pytest.raises(UserError, match=r"rank is 16, over this server's limit of 8 \(LORA_MAX_RANK\)"):
         parse_lora(path, "r16", manager.shapes, 8)
 
 
@@ -179,11 +181,11 @@ def test_nan_and_half_pairs_are_errors(tiny, tmp_path):
     lora = fx.diffusers_peft(dev)
     key = next(iter(lora.tensors))
     lora.tensors[key] = lora.tensors[key].clone().fill_(float("nan"))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(UserError, match="NaN"):
         parse_lora(lora.write(tmp_path / "nan.safetensors"), "nan", manager.shapes, 8)
     lora = fx.bfl_family(dev, style="kohya")
     del lora.tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
-    with pytest.raises(ValueError, match="not both lora_A and lora_B"):
+    with pytest.raises(UserError, match="not both lora_A and lora_B"):
         parse_lora(lora.write(tmp_path / "half.safetensors"), "half", manager.shapes, 8)
 
 

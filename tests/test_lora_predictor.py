@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from errors import UserError
+
 SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 2, "output_format": "png"}
 
 
@@ -55,7 +57,7 @@ def test_a_failing_extra_lora_is_one_clear_line_and_leaves_the_model_exact(run, 
     before = run(prompt="a cat", seed=11, **SMALL)[0].read_bytes()
     (tmp_path / "bad.safetensors").write_bytes(b"<html>not a lora</html>")
     for source in (str(tmp_path / "missing.safetensors"), str(tmp_path / "bad.safetensors"), "not a lora source"):
-        with pytest.raises(ValueError) as error:
+        with pytest.raises(UserError) as error:
             run(prompt="a cat", seed=11, extra_lora=source, **SMALL)
         assert "\n" not in str(error.value)
     assert run(prompt="a cat", seed=11, **SMALL)[0].read_bytes() == before

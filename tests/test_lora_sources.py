@@ -15,6 +15,7 @@ from lora_fixtures import HTML_ERROR, RouteServer, tar_bytes
 from safetensors.torch import load_file, save
 
 import lora_sources
+from errors import UserError
 from lora_sources import LoraCache, parse_source
 
 SECRETS = {"HF_TOKEN": "hf_SECRET_hf", "REPLICATE_API_TOKEN": "r8_SECRET_r8", "CIVITAI_API_TOKEN": "civ_SECRET_civ"}
@@ -105,7 +106,7 @@ def test_parse_source_normalises(text, key):
     ],
 )
 def test_unsupported_sources_list_the_accepted_forms(text):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         parse_source(text)
     assert "\n" not in str(e.value)
     if text.startswith(("huggingface.co",)):
@@ -119,10 +120,10 @@ def test_local_paths(tmp_path, cache):
     path.write_bytes(lora_bytes())
     assert cache.fetch(str(path)) == path
     assert cache.fetch(f"file://{path}") == path
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         cache.fetch(str(tmp_path / "missing.safetensors"))
     (tmp_path / "page.safetensors").write_bytes(HTML_ERROR)
-    with pytest.raises(ValueError, match="HTML page"):
+    with pytest.raises(UserError, match="HTML page"):
         cache.fetch(str(tmp_path / "page.safetensors"))
 
 
@@ -168,10 +169,10 @@ def test_replicate_token_sent_to_replicate_only(env, hub, cache):
 
 def test_replicate_tar_with_several_files_is_a_clear_error(env, hub, cache):
     hub.add("/o/m/_weights", tar_bytes({"a.safetensors": lora_bytes(), "b.safetensors": lora_bytes(1)}))
-    with pytest.raises(ValueError, match="several .safetensors files.*a.safetensors, b.safetensors"):
+    with pytest.raises(UserError, match="several .safetensors files.*a.safetensors, b.safetensors"):
         cache.fetch("o/m")
     hub.add("/o/n/_weights", tar_bytes({"weights.ckpt": b"\x80\x04junk"}))
-    with pytest.raises(ValueError, match="no .safetensors file"):
+    with pytest.raises(UserError, match="no .safetensors file"):
         cache.fetch("o/n")
 
 
@@ -187,7 +188,7 @@ def test_hf_repo_picks_the_lora_file(env, hub, cache):
     hub.hf_repo("o/single", {"README.md": b"x", "my_style.safetensors": data})
     assert same_bytes(cache.fetch("https://huggingface.co/o/single"), data)
     hub.hf_repo("o/ambiguous", {"a.safetensors": data, "b.safetensors": data})
-    with pytest.raises(ValueError, match="several .safetensors files.*a.safetensors, b.safetensors"):
+    with pytest.raises(UserError, match="several .safetensors files.*a.safetensors, b.safetensors"):
         cache.fetch("https://huggingface.co/o/ambiguous")
 
 
@@ -212,12 +213,12 @@ def test_hf_token_on_every_hf_request(env, hub, cache):
 
 def test_hf_errors(env, hub, cache):
     hub.hf_repo("o/private", {"lora.safetensors": lora_bytes()}, token="hf_other")
-    with pytest.raises(ValueError, match="401.*access denied"):
+    with pytest.raises(UserError, match="401.*access denied"):
         cache.fetch("huggingface.co/o/private")
-    with pytest.raises(ValueError, match="404"):
+    with pytest.raises(UserError, match="404"):
         cache.fetch("huggingface.co/o/missing")
     hub.add("/o/gated/resolve/main/lora.safetensors", status=403, headers={"X-Error-Code": "GatedRepo"})
-    with pytest.raises(ValueError, match="gated.*HF_TOKEN"):
+    with pytest.raises(UserError, match="gated.*HF_TOKEN"):
         cache.fetch("https://huggingface.co/o/gated/resolve/main/lora.safetensors")
 
 
@@ -250,14 +251,14 @@ def test_civitai_token_is_a_header_never_a_url(env, hub, cache, caplog):
 
 def test_civitai_without_token_and_without_safetensors(env, hub, cache):
     hub.civitai_model(6, [(60, lora_bytes())], token="needed")
-    with pytest.raises(ValueError, match="401.*access denied"):
+    with pytest.raises(UserError, match="401.*access denied"):
         cache.fetch("https://civitai.com/models/6")
     hub.add(
         "/api/v1/models/7",
         b'{"modelVersions": [{"id": 70, "files": [{"name": "x.pt", "type": "Model",'
         b' "metadata": {"format": "PickleTensor"}}]}]}',
     )
-    with pytest.raises(ValueError, match=r"no SafeTensor model file \(files: x.pt\)"):
+    with pytest.raises(UserError, match=r"no SafeTensor model file \(files: x.pt\)"):
         cache.fetch("https://civitai.com/models/7")
 
 
@@ -283,10 +284,10 @@ def test_each_failure_has_its_own_clear_error(env, hub, cache, tmp_path):
         ("cut", "cut short|connection broke"),
     ]
     for name, message in cases:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UserError, match=message):
             cache.fetch(f"{url}/{name}.safetensors")
     env.setenv("LORA_MAX_FILE_BYTES", "1000")
-    with pytest.raises(ValueError, match="over the 1,000-byte limit"):
+    with pytest.raises(UserError, match="over the 1,000-byte limit"):
         cache.fetch(f"{url}/big.safetensors")
     # nothing partial or corrupt was kept
     assert list(cache.cache_dir.glob("*.safetensors")) == []
@@ -296,7 +297,7 @@ def test_each_failure_has_its_own_clear_error(env, hub, cache, tmp_path):
 def test_slow_trickle_hits_the_total_deadline(env, hub, cache):
     env.setenv("LORA_DOWNLOAD_TOTAL_TIMEOUT", "0.3")
     hub.add("/trickle.safetensors", lora_bytes(size=256), trickle=0.05)
-    with pytest.raises(ValueError, match="longer than 0.3 s"):
+    with pytest.raises(UserError, match="longer than 0.3 s"):
         cache.fetch(f"{hub.url}/trickle.safetensors")
 
 
@@ -378,7 +379,7 @@ def test_from_env(env, tmp_path):
 )
 def test_private_addresses_are_refused_before_any_request(env, hub, cache, host):
     env.delenv("LORA_ALLOW_PRIVATE_URLS")
-    with pytest.raises(ValueError, match="Refusing to fetch.*LORA_ALLOW_PRIVATE_URLS"):
+    with pytest.raises(UserError, match="Refusing to fetch.*LORA_ALLOW_PRIVATE_URLS"):
         cache.fetch(f"http://{host}:{hub.port}/x.safetensors")
     assert hub.requests == []
 
@@ -387,7 +388,7 @@ def test_private_endpoints_are_refused_too(env, hub, cache):
     env.delenv("LORA_ALLOW_PRIVATE_URLS")
     hub.replicate_model("owner/model", lora_bytes())
     for source in ("owner/model", "huggingface.co/o/r", "https://civitai.com/models/1"):
-        with pytest.raises(ValueError, match="Refusing to fetch"):
+        with pytest.raises(UserError, match="Refusing to fetch"):
             cache.fetch(source)
     assert hub.requests == []
 
@@ -403,7 +404,7 @@ def test_every_redirect_hop_is_checked(env, hub, cache, monkeypatch):
     monkeypatch.setattr(lora_sources, "resolve_host", fake_resolve)
     hub.add("/target.safetensors", lora_bytes())
     hub.redirect("/hop.safetensors", f"http://localhost:{hub.port}/target.safetensors")
-    with pytest.raises(ValueError, match="Refusing to fetch.*localhost"):
+    with pytest.raises(UserError, match="Refusing to fetch.*localhost"):
         cache.fetch(f"{hub.url}/hop.safetensors")
     assert hub.hits("/hop.safetensors") == 1 and hub.hits("/target.safetensors") == 0
 
@@ -424,7 +425,7 @@ def test_tokens_never_in_logs_errors_or_file_names(env, hub, cache, caplog):
             "https://civitai.com/models/9",
             f"{hub.url}/x.safetensors?token={SECRETS['CIVITAI_API_TOKEN']}",
         ):
-            with pytest.raises(ValueError) as e:
+            with pytest.raises(UserError) as e:
                 cache.fetch(source)
             errors.append(str(e.value))
     names = " ".join(p.name for p in cache.cache_dir.rglob("*"))

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import fast_path
+from errors import UserError
 
 MAX_RANK = 16
 SIZE = {"aspect_ratio": "custom", "width": 256, "height": 256}
@@ -150,7 +151,7 @@ def test_rank_above_the_extra_region_is_refused_without_touching_the_compiled_mo
     path = too_big.write(Path(tmp_path) / "big.safetensors")
     before = graphs()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        with pytest.raises(ValueError, match="LORA_MAX_RANK"):
+        with pytest.raises(UserError, match="LORA_MAX_RANK"):
             run(**SIZE, num_inference_steps=2, extra_lora=str(path))
         run(**SIZE, num_inference_steps=2, extra_lora=loras["diffusers-r4"])
     assert graphs() == before

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from errors import UserError
 from images import ASPECT_RATIOS, InputDownloads
 
 SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 2}
@@ -54,7 +55,7 @@ def test_custom_size_rounds_to_nearest_multiple_of_16(run, width, height, expect
 
 
 def test_custom_without_width_is_a_clear_error(run):
-    with pytest.raises(ValueError, match="custom.*width and height"):
+    with pytest.raises(UserError, match="custom.*width and height"):
         run(prompt="a cat", aspect_ratio="custom", width=512)
 
 
@@ -147,7 +148,7 @@ def test_unset_seed_is_random_and_logged(run, caplog):
 
 
 def test_out_of_range_seed_is_a_clear_error(run):
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(UserError, match="seed"):
         run(prompt="a cat", seed=-1, **SMALL)
 
 
@@ -262,7 +263,7 @@ def test_inpaint_mask_of_another_size_and_mode_is_resized(run, tmp_path):
 
 def test_mask_without_image_is_a_clear_error(run, tmp_path):
     mask = write_image(tmp_path / "mask.png")
-    with pytest.raises(ValueError, match="mask was given without image"):
+    with pytest.raises(UserError, match="mask was given without image"):
         run(prompt="a cat", mask=mask)
 
 
@@ -300,7 +301,7 @@ def test_bad_images_fail_with_one_clear_line_and_the_next_request_works(run, tmp
     bad = tmp_path / "bad.png"
     bad.write_bytes(content)
     before = run(prompt="a cat", seed=9, output_format="png", **SMALL)[0].read_bytes()
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(UserError, match=message) as error:
         run(prompt="a cat", image=str(bad), **SMALL)
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
     assert run(prompt="a cat", seed=9, output_format="png", **SMALL)[0].read_bytes() == before
@@ -309,12 +310,12 @@ def test_bad_images_fail_with_one_clear_line_and_the_next_request_works(run, tmp
 def test_bad_mask_names_the_mask(run, tmp_path):
     image = write_image(tmp_path / "in.png")
     (tmp_path / "mask.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="^mask could not be read"):
+    with pytest.raises(UserError, match="^mask could not be read"):
         run(prompt="a cat", image=image, mask=str(tmp_path / "mask.png"))
 
 
 def test_empty_prompt_is_a_clear_error(run):
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(UserError, match="prompt is empty"):
         run(prompt="   ", **SMALL)
 
 
@@ -334,7 +335,7 @@ def test_schema_bounds_are_enforced_by_cog_checks(run):
         {"model": "pro"},
         {"output_format": "gif"},
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError):  # Cog's own check
             run(prompt="a cat", **bad)
 
 

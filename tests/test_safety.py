@@ -22,6 +22,8 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
 
+from errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -158,7 +160,7 @@ def test_all_unsafe_raises_nsfw_error(tree, caplog):
     safety = load(tree, "checker-flag-all", "detector-confirm")
     with caplog.at_level(logging.WARNING, logger="safety"), pytest.raises(NSFWError) as raised:
         safety.filter([solid(WHITE), noise(64, 1)])
-    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value, UserError)
     assert str(raised.value) == NSFW_MESSAGE
     assert NSFW_MESSAGE == "NSFW content detected. Try running it again, or try a different prompt."
     assert "image 0 removed" in caplog.text and "image 1 removed" in caplog.text
