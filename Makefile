@@ -34,11 +34,18 @@ test: install
 
 # The long soak (1,000 predictions over HTTP, ≈ 2.5 min on 2 cores); CI runs it after `make test`.
 soak: install
-	$(BIN)/python -m pytest -q -m slow tests/test_soak.py -k long_soak -s
+	$(BIN)/python -m pytest -q -m slow tests/test_soak.py -s
 
 # The real Cog HTTP server, as the container runs it, on the weights in FLUX_WEIGHTS_DIR.
 serve: install
 	COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http
+
+# The same API on REPLICAS Cog servers behind Ray Serve, routed by LoRA (cluster/): a local Ray
+# instance in the foreground, one GPU per replica where Ray finds GPUs; Ctrl-C stops all of it.
+REPLICAS ?= 2
+.PHONY: serve-cluster
+serve-cluster: install
+	$(BIN)/python -m cluster --replicas $(REPLICAS) --port $(PORT)
 
 tiny-weights: install
 	$(BIN)/python scripts/tiny_weights.py $(DIR)

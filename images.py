@@ -1,4 +1,4 @@
-"""Images in and out: output sizes, reading the user's image and mask, writing the outputs.
+"""Images in and out: output sizes, reading the user's image and mask, compositing, writing the outputs.
 
 Everything a user can get wrong about an image ends here in a UserError with one line that
 says what was wrong and what to do.
@@ -6,17 +6,16 @@ says what was wrong and what to do.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
 import uuid
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from errors import UserError
 
@@ -40,10 +39,6 @@ MULTIPLE = 16  # FLUX latents are 1/8 of the image, packed 2×2
 MIN_SIDE, MAX_SIDE = 256, 1440  # the page's bounds for width and height
 MAX_INPUT_PIXELS = 64_000_000  # refuse larger uploads before decoding them (decompression bombs)
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
-# coglet 0.23 makes /tmp/coglet/predictions/<id>/{inputs,outputs} for every prediction, leaves them
-# empty (inputs go to TMPDIR) and never removes them: 3 directories, 12 KB on ext4, per prediction.
-COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
-STALE_AFTER_S = 10.0
 
 
 def round_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
@@ -134,124 +129,102 @@ def keep_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Ima
 
 
 class OutputWriter:
-    """Writes each prediction's images into a fresh directory with collision-free names.
+    """Writes each prediction's images into a fresh folder with collision-free names.
 
-    Cog uploads outputs by basename, so names carry a per-prediction id. The previous
-    prediction's directory is removed when the next one starts (Cog has sent its files by
-    then), and so are the empty folders coglet leaves behind, so disk use stays bounded over
-    days of serving.
+    Cog uploads outputs by basename, so names carry a per-prediction id. Cog reads the files after
+    run() returns and never says when it is done with them, so a prediction's folder is removed when
+    the next one starts, and the last one when the process exits: disk use stays bounded over days of
+    serving and nothing is left behind. Folders are `flux-out-<pid>-<random>` in TMPDIR, so that those
+    of a worker that was killed (no exit handler runs) can be found and removed at the next setup
+    (workarounds.remove_dead_workers_folders).
     """
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or tempfile.gettempdir())
         self.current: Path | None = None
+        atexit.register(self.cleanup)
 
     def new_prediction(self) -> Path:
         self.cleanup()
-        prune_empty_dirs(COGLET_PREDICTIONS)
-        self.current = Path(tempfile.mkdtemp(prefix="flux-out-", dir=self.root))
+        self.current = Path(tempfile.mkdtemp(prefix=f"flux-out-{os.getpid()}-", dir=self.root))
         return self.current
 
     def cleanup(self) -> None:
         if self.current is not None:
-            for file in self.current.iterdir():
-                file.unlink(missing_ok=True)
-            self.current.rmdir()
+            shutil.rmtree(self.current, ignore_errors=True)
             self.current = None
 
-    def save(self, images: list[Image.Image], output_format: str, quality: int) -> list[Path]:
+    def save(
+        self, images: list[Image.Image], output_format: str, quality: int, parameters: list[str] | None = None
+    ) -> list[Path]:
+        """Write `images`; `parameters[i]` (generation_parameters) goes into image i: a PNG `parameters`
+        text chunk, or the EXIF UserComment of a JPEG or WebP, where A1111, CivitAI and others read it."""
         directory = self.new_prediction()
         token = uuid.uuid4().hex[:12]
         paths = []
         for index, image in enumerate(images):
             path = directory / f"out-{token}-{index}.{output_format}"
             options = {} if output_format == "png" else {"quality": quality}
+            if parameters is not None:
+                options.update(_embedded(parameters[index], output_format))
             image.convert("RGB").save(path, format=OUTPUT_FORMATS[output_format], **options)
             paths.append(path)
         return paths
 
 
-def prune_empty_dirs(root: Path, older_than: float = STALE_AFTER_S) -> int:
-    """Remove the folders directly under `root` that hold no file at all and have not changed for
-    `older_than` seconds (coglet's leftovers); returns how many went. Never removes a file: rmdir
-    refuses a folder that is not empty, so a folder still in use is left alone."""
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return 0
-    now, removed = time.time(), 0
-    for entry in entries:
-        try:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            folders = [entry.path]
-            for parent, dirs, files in os.walk(entry.path):
-                if files or any(os.path.islink(os.path.join(parent, d)) for d in dirs):
-                    raise OSError("not empty")
-                folders.extend(os.path.join(parent, d) for d in dirs)
-            if any(now - os.stat(folder).st_mtime < older_than for folder in folders):
-                continue
-            for folder in reversed(folders):  # children before parents
-                os.rmdir(folder)
-            removed += 1
-        except OSError:
-            continue
-    if removed:
-        logger.debug("removed %d empty folder(s) from %s", removed, root)
-    return removed
+def generation_parameters(
+    prompt: str,
+    *,
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    size: tuple[int, int],
+    model: str,
+    loras: list[tuple[str, float]],
+    strength: float | None = None,
+) -> str:
+    """What made one image, in the layout Automatic1111 writes and CivitAI parses: the prompt, then one
+    line of `Key: value` pairs (a value holding a comma is quoted). `loras` are (label, scale) with
+    labels that are safe to publish (no token, no query string, no local folder). `guidance` None: a
+    model without guidance (schnell), where guidance_scale changes nothing and is not written."""
+    pairs = [("Steps", steps), *([("CFG scale", f"{guidance:g}")] if guidance is not None else [])]
+    pairs += [("Seed", seed), ("Size", f"{size[0]}x{size[1]}")]
+    pairs.append(("Model", f"flux-{model}"))
+    if strength is not None:
+        pairs.append(("Denoising strength", f"{strength:g}"))
+    if loras:
+        pairs.append(("Lora", ", ".join(f"{label}:{scale:g}" for label, scale in loras)))
+    line = ", ".join(f"{key}: {_quoted(str(value))}" for key, value in pairs)
+    return f"{prompt.strip()}\n{line}"
 
 
-class InputDownloads:
-    """A folder of this worker's own for the files Cog downloads `image`/`mask` URLs into.
-
-    Cog (0.23.1, `URLPath.convert`) downloads a URL input into a `tempfile.NamedTemporaryFile` in
-    the default temp folder before the prediction starts, and removes it afterwards, except when
-    the download fails (a 404, a URL that hangs): then the partial file stays for good. So setup()
-    points Python's `tempfile.tempdir` (a process-wide setting) at a folder of this worker's,
-    and each prediction, as it starts, removes the download files left there by earlier ones:
-    at most the failed downloads since the last prediction remain, never a growing pile. Folders
-    of workers that have exited are removed at setup.
-    """
-
-    PREFIX = "flux-inputs-"
-    # NamedTemporaryFile's names: "tmp" + 8 characters of this alphabet, then Cog's suffix.
-    DOWNLOAD_NAME = re.compile(r"^tmp[a-z0-9_]{8}")
-
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root or tempfile.gettempdir())
-        self.folder = self.root / f"{self.PREFIX}{os.getpid()}"
-
-    def isolate(self) -> Path:
-        """Create this worker's folder, make it the process's temp folder and remove dead workers' ones."""
-        for entry in self.root.glob(f"{self.PREFIX}*"):
-            pid = entry.name.removeprefix(self.PREFIX)
-            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
-        self.folder.mkdir(mode=0o700, exist_ok=True)
-        tempfile.tempdir = str(self.folder)
-        return self.folder
-
-    def sweep(self, keep: list[Path | None]) -> int:
-        """Remove earlier predictions' leftover downloads, never the files in `keep` (this
-        prediction's inputs); returns how many went."""
-        keep_names = {Path(p).name for p in keep if p is not None and Path(p).parent == self.folder}
-        removed = 0
-        for entry in os.scandir(self.folder) if self.folder.is_dir() else ():
-            if entry.name in keep_names or not self.DOWNLOAD_NAME.match(entry.name):
-                continue
-            if entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            logger.info("removed %d input file(s) left by failed downloads", removed)
-        return removed
+def _quoted(value: str) -> str:
+    if "," not in value and '"' not in value and "\n" not in value:
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    return True
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+
+
+def _embedded(text: str, output_format: str) -> dict:
+    """Pillow save() options that carry `text`: a PNG text chunk, else EXIF UserComment (UTF-16, as
+    A1111 writes it with piexif's "unicode" encoding)."""
+    if output_format == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("parameters", text)
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+    return {"exif": exif.tobytes()}
+
+
+def read_parameters(path: str | Path) -> str | None:
+    """The generation parameters embedded in an output image (for tests and tools), or None."""
+    with Image.open(path) as image:
+        if "parameters" in image.info:
+            return image.info["parameters"]
+        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
+        return comment[8:].decode("utf-16-be")
+    return comment

@@ -46,9 +46,14 @@ class SafetyChecker:
 
     @classmethod
     def load(cls, checker_dir: Path, detector_dir: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
-        """Both stages from their local folders (config, weights and preprocessor_config.json)."""
+        """Both stages from their local folders (config, weights and preprocessor_config.json).
+
+        The processors are the PIL ones of the models' own classes (CLIP, ViT), named directly:
+        AutoImageProcessor would scan its whole table of processors first, warning for each one that
+        "requires torchvision", and pick the torchvision backend where that is installed, so the verdict
+        would hang on which machine runs it."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import AutoImageProcessor, ViTForImageClassification
+        from transformers import CLIPImageProcessorPil, ViTForImageClassification, ViTImageProcessorPil
 
         logging.getLogger(StableDiffusionSafetyChecker.__module__).addFilter(_not_black_image_warning)
         checker = StableDiffusionSafetyChecker.from_pretrained(checker_dir, dtype=dtype).to(device).eval()
@@ -56,9 +61,9 @@ class SafetyChecker:
         detector = ViTForImageClassification.from_pretrained(detector_dir, dtype=torch.float32)
         return cls(
             checker,
-            AutoImageProcessor.from_pretrained(checker_dir),
+            CLIPImageProcessorPil.from_pretrained(checker_dir),
             detector.to(device).eval(),
-            AutoImageProcessor.from_pretrained(detector_dir),
+            ViTImageProcessorPil.from_pretrained(detector_dir),
         )
 
     def filter(self, images: list[Image.Image]) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = ROOT / "tests" / "offline"  # its sitecustomize.py: no outside network, optional fault injection
 
 
 def free_port() -> int:
@@ -44,6 +45,10 @@ class CogServer:
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
+        # The offline guard first, in the server and its worker, whatever PYTHONPATH the caller adds.
+        paths = [str(OFFLINE), *(env or {}).get("PYTHONPATH", "").split(os.pathsep)]
+        paths += os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        self.env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path for path in paths if path))
         self.args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *extra_args]
         self.process: subprocess.Popen | None = None
 
@@ -60,14 +65,28 @@ class CogServer:
             self.log.close()
             Path(self.log.name).unlink(missing_ok=True)
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+    def stop(self, timeout: float = 15) -> None:
+        """Stop it as Docker, Kubernetes and tini stop a container: SIGTERM to the server alone, which
+        shuts its worker down (so the worker's exit handlers run); waits for both, and kills whatever
+        of them is still there after `timeout` seconds."""
+        import psutil
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            processes = [psutil.Process(self.process.pid)]
+            processes += processes[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            processes = []
+        self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None or any(map(_running, processes)):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for process in filter(_running, processes):
+            process.kill()
+        self.process.wait()
 
     def logs(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -142,6 +161,15 @@ class CogServer:
             for e in self.log_events()
             if e.get("fields", {}).get("message") == "Starting prediction"
         ]
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:

@@ -1,40 +1,39 @@
 """Shared fixtures: the tiny weights tree (built once per session), the predictor, the Cog server.
 
-Tests run offline: any outbound connection other than to loopback fails.
+Tests are hermetic: no outside network for this process or any Python process a test starts
+(tests/offline: connections and name lookups other than loopback fail at once), and no file read
+from outside the repository (what they need from elsewhere is copied in tests/data/).
+Tests marked `slow` run only when asked for (`-m slow`, as `make soak` does).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import shutil
-import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = ROOT / "tests" / "offline"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(OFFLINE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the real hub
+# Every Python process started from here on loads tests/offline/sitecustomize.py.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(OFFLINE), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-_connect = socket.socket.connect
+import network_guard  # noqa: E402  (tests/offline)
 
-
-def _loopback_only(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
-        host = address[0]
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
-            raise ConnectionRefusedError(f"tests are offline: refused a connection to {host}")
-    return _connect(self, address)
+network_guard.install()
 
 
-socket.socket.connect = _loopback_only
+def pytest_collection_modifyitems(config, items):
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: runs with -m slow (make soak)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -46,22 +45,15 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(tiny_weights):
-    """One Predictor for the session, set up on the tiny weights as the server would."""
+    """One Predictor for the session, set up on the tiny weights as the server would (outside Cog's
+    worker, setup() changes nothing process-wide but logging: workarounds.py)."""
     import predict
 
-    previous = os.environ.get("FLUX_WEIGHTS_DIR")
-    os.environ["FLUX_WEIGHTS_DIR"] = str(tiny_weights)
-    runner = predict.Predictor()
-    temp_folder = tempfile.tempdir
-    runner.setup()
-    tempfile.tempdir = temp_folder  # setup() points it at the worker's input folder; not pytest's business
-    yield runner
-    runner.outputs.cleanup()
-    shutil.rmtree(runner.inputs.folder, ignore_errors=True)
-    if previous is None:
-        os.environ.pop("FLUX_WEIGHTS_DIR")
-    else:
-        os.environ["FLUX_WEIGHTS_DIR"] = previous
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_WEIGHTS_DIR", str(tiny_weights))
+        runner = predict.Predictor()
+        runner.setup()
+        yield runner
 
 
 @pytest.fixture(scope="session")

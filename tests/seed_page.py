@@ -1,4 +1,5 @@
-"""Read the model page we reproduce (../shared/seed/…txt): its input fields and output schema."""
+"""Read the model page we reproduce (tests/data/model_page.txt, see tests/data/SOURCES.md): its input
+fields and output schema."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import ast
 import re
 from pathlib import Path
 
-SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "000_7ea0495fc2fa6a7e.txt"
+SEED = Path(__file__).resolve().parent / "data" / "model_page.txt"
 TYPE_LINE = re.compile(r"^(string|integer|number|boolean)( \(enum\))?$")
 
 

@@ -72,17 +72,6 @@ def test_import_has_no_side_effects():
     assert result.stdout == ""
 
 
-def test_public_api_signatures():
-    import inspect
-
-    assert str(inspect.signature(fast_path.optimize_pipeline)) == (
-        "(pipe, *, fp8: 'bool' = False, compile: 'bool' = True) -> 'None'"
-    )
-    assert str(inspect.signature(fast_path.warmup)) == (
-        "(pipe, sizes: 'list[tuple[int, int]]', steps: 'int' = 2, batch_sizes: 'tuple[int, ...]' = (1, 2)) -> 'None'"
-    )
-
-
 def test_optimize_pipeline_is_a_logged_no_op_on_cpu(caplog):
     pipe = tiny_pipe()
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}

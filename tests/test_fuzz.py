@@ -51,7 +51,9 @@ def value_strategies(name: str, prop: dict, enums: dict) -> tuple[st.SearchStrat
         if name in CHEAP:
             valid = st.integers(*CHEAP[name])  # the upper bounds are in test_http_faults.py's battery
         outside = [v for v in (lo - 1 if lo is not None else None, hi + 1 if hi is not None else None) if v is not None]
-        return valid, st.one_of(st.sampled_from(outside or [1.5]), st.floats(allow_nan=False).filter(lambda v: v % 1))
+        return valid, st.one_of(
+            st.sampled_from(outside or [1.5]), st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v % 1)
+        )
     if kind == "number":
         valid = st.floats(lo if lo is not None else -1e6, hi if hi is not None else 1e6, allow_nan=False)
         outside = [
@@ -80,7 +82,8 @@ def bodies(schemas: dict) -> st.SearchStrategy:
         valid[name], invalid[name] = value_strategies(name, prop, schemas)
     # 1 MP aspect ratios cost seconds each: mostly custom (cheap) sizes.
     valid["aspect_ratio"] = st.one_of(*[st.just("custom")] * 5, valid["aspect_ratio"])
-    rare = {"image", "mask", "extra_lora"}  # mostly failures: keep them to about one request in four
+    # Mostly failures (random strings are no LoRA, no token): keep them to about one request in four.
+    rare = {"image", "mask", "extra_lora", "replicate_weights", "hf_api_token", "civitai_api_token"}
     optional = st.fixed_dictionaries(
         {"prompt": valid["prompt"]}, optional={n: s for n, s in valid.items() if n != "prompt" and n not in rare}
     )

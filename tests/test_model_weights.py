@@ -67,7 +67,8 @@ def hub(repos):
 
 def environment(home: Path, endpoint: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), PYTHONPATH=str(ROOT), **extra)
+    pythonpath = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # keeps tests/offline
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), PYTHONPATH=pythonpath, **extra)
     env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")  # the hub is local, whatever proxy is set
     return env
 

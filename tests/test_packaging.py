@@ -12,7 +12,7 @@ import jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-COG_SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
+COG_SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"  # tests/data/SOURCES.md
 GPU_ONLY = {"torchao"}  # fp8 on the GPU (fast_path.py); never needed on the CPU
 CPU_ONLY = {"cog"}  # cog.yaml installs the SDK through build.sdk_version
 

@@ -1,0 +1,262 @@
+"""Workarounds for the software the predictor runs on: Cog 0.23.1 (coglet), glibc, and the log output
+of transformers 5.23 and diffusers 0.42.1.
+
+Each says what upstream does, what we do about it, and how to tell when it can go.
+
+The rule: a workaround that changes process-wide state (Python's temp folder, the allocator) or removes
+files that are not this process's own takes effect only inside Cog's worker (`in_cog_worker()`), the
+long-lived process it is for. A Predictor set up anywhere else (the tests, scripts/cog_predict.py, the
+benchmarks) leaves its process as it found it, except for the logging configuration.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent
+
+
+def in_cog_worker() -> bool:
+    """True inside coglet's worker subprocess, the process that runs setup() and every prediction."""
+    try:
+        import coglet
+    except ImportError:
+        return False
+    return bool(coglet.server.active)
+
+
+# ---------------------------------------------------------------- logging
+
+
+def configure_logging(level_name: str) -> None:
+    """Our loggers at `level_name` (LOG_LEVEL, default INFO); every library at WARNING, or at DEBUG when
+    LOG_LEVEL is DEBUG (a quieter LOG_LEVEL, ERROR, quietens them too). No progress bars.
+
+    Workarounds in it:
+    - transformers' `convert_slow_tokenizers_checkpoints_to_fast` module calls `set_verbosity_info()` when
+      it is imported, which dumps every model config as JSON at INFO from then on. Cog's inspector
+      imports it (below, "Cog's inspector"); anything else that imports it would too. So transformers'
+      and diffusers' verbosity is set here, after the imports. Can go when
+      `python -c "import logging, transformers.convert_slow_tokenizers_checkpoints_to_fast;
+      print(logging.getLogger('transformers').level)"` prints 30.
+    - diffusers 0.42.1 (`ModelMixin.to`, `fp32_modules = ... or []` then `is not None`) warns "There are
+      modules in X that should be kept in float32: []" on every dtype cast, with an empty list, for
+      every model `from_pipe` builds. Those warnings (empty list only) are dropped. Can go when diffusers
+      checks the list is non-empty (`grep -n "fp32_modules is not None" .../diffusers/models/modeling_utils.py`
+      finds nothing).
+    - diffusers' Flux pipelines import `transformers.CLIPImageProcessor` and `SiglipImageProcessor`, which
+      transformers 5.23 without torchvision resolves to their PIL versions with a warning each ("requires
+      torchvision (not installed); falling back to …Pil"). The PIL versions are what we use (safety.py
+      names them directly), so those warnings are dropped; hence predict.py imports pipelines inside
+      setup(), after this. Can go when diffusers imports the `…Pil` names or the warning is gone.
+
+    Cog's inspector: before setup() Cog (`cog._inspector._find_coders`) runs `inspect.getmembers` on every
+    module that predict.py holds as a global. For a lazy package (transformers, diffusers) that imports
+    every submodule: 3,300 modules and 11 s on 2 cores, 93 "requires torchvision … falling back" warnings from the
+    image processors, and the INFO switch above. So predict.py must never `import transformers` or
+    `import diffusers` at module level (import what is needed from them, or import them inside a
+    function). tests/test_server.py checks a served setup's logs hold only our lines. Can go when
+    `_find_coders` looks only at `cog.coders` modules.
+    """
+    level = logging.getLevelName(level_name.strip().upper())
+    if not isinstance(level, int):
+        raise ValueError(f"LOG_LEVEL={level_name!r} is not a log level: use DEBUG, INFO, WARNING or ERROR.")
+    libraries = logging.DEBUG if level <= logging.DEBUG else max(level, logging.WARNING)
+    logging.basicConfig(level=libraries, format="%(message)s", force=True)
+    for name in our_loggers():
+        logging.getLogger(name).setLevel(level)
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity(libraries)  # their own loggers, which do not propagate to the root
+        library.disable_progress_bar()  # progress bars would flood the prediction logs
+    for name, drop in (
+        ("diffusers.models.modeling_utils", _empty_fp32_warning),
+        ("transformers.utils.import_utils", _torchvision_fallback_warning),
+    ):
+        if drop not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(drop)
+
+
+def our_loggers() -> list[str]:
+    """The names of the project's own loggers (each is named after its module): its top-level modules
+    and packages, and the scripts in its folders that are not packages (scripts/, bench/…)."""
+    names = {p.stem for p in ROOT.glob("*.py")}
+    for folder in (p for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (folder / "__init__.py").is_file():
+            names.add(folder.name)  # a package: its modules' loggers are its children
+        elif scripts := [p.stem for p in folder.glob("*.py")]:
+            names.update([folder.name, *scripts])
+    return sorted(names)
+
+
+def _empty_fp32_warning(record: logging.LogRecord) -> bool:
+    return "that should be kept in float32: []" not in record.getMessage()
+
+
+def _torchvision_fallback_warning(record: logging.LogRecord) -> bool:
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# ---------------------------------------------------------------- glibc
+
+
+def limit_allocator_growth() -> None:
+    """Keep the worker's memory flat over thousands of predictions (process-wide: only in Cog's worker).
+
+    glibc's malloc: with its defaults (up to 8 arenas per core, mmap and trim thresholds that adapt
+    upwards) the worker's RSS creeps up with every few hundred predictions (614 → 684 MiB over 1,000,
+    tests/test_soak.py) through fragmentation, not Python objects. With two arenas and blocks of 1 MiB
+    or more mapped and trimmed straight back to the OS it stays flat. It costs speed (9–20 % on the tiny
+    pipeline at 1024², FACTS.md), which is why nothing else gets it. Can go when `make soak` passes with
+    this function made a no-op (or when the image runs another allocator, jemalloc or tcmalloc).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:  # not glibc (e.g. macOS): nothing to tune
+        return
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    libc.mallopt(m_arena_max, 2)
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+
+
+# ---------------------------------------------------------------- Cog's leftovers on disk
+
+# coglet 0.23 makes /tmp/coglet/predictions/<id>/{inputs,outputs} for every prediction, leaves them
+# empty (inputs go to TMPDIR) and never removes them: 3 directories, 12 KB on ext4, per prediction.
+# Can go when a few predictions on a server leave nothing there.
+COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
+STALE_AFTER_S = 10.0
+# The folders this project's workers keep in TMPDIR, named after the worker's pid: its input downloads
+# (InputDownloads) and each prediction's outputs (images.OutputWriter, `flux-out-<pid>-<random>`).
+WORKER_FOLDER = re.compile(r"^flux-(?:inputs|out)-(\d+)(?:-.*)?$")
+
+
+class InputDownloads:
+    """A folder of this worker's own, `TMPDIR/flux-inputs-<pid>`, for the files Cog downloads `image`
+    and `mask` URLs into.
+
+    Cog (0.23.1, `cog/types.py`, `URLPath.convert`) downloads a URL input into a
+    `tempfile.NamedTemporaryFile` in the default temp folder before the prediction starts and removes it
+    afterwards, except when the download fails (a 404, a URL that hangs): then the partial file stays for
+    good. So, in Cog's worker, isolate() points Python's `tempfile.tempdir` (process-wide) at this folder,
+    and each prediction, as it starts, removes the download files left there by earlier ones (sweep): at
+    most the failed downloads since the last prediction remain, never a growing pile. The folder goes
+    when the worker exits; those of workers that died without exiting (killed) go at the next setup.
+    Can go when a 404 `image` URL on a server with its own TMPDIR leaves no `tmp*` file there
+    (tests/test_http_faults.py's "image url 404" then passes without the sweep).
+    """
+
+    PREFIX = "flux-inputs-"
+    # NamedTemporaryFile's names: "tmp" + 8 characters of this alphabet, then Cog's suffix.
+    DOWNLOAD_NAME = re.compile(r"^tmp[a-z0-9_]{8}")
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root or tempfile.gettempdir())
+        self.folder = self.root / f"{self.PREFIX}{os.getpid()}"
+        self.active = False
+
+    def isolate(self) -> Path:
+        """Remove the folders dead workers left in the temp folder, create this worker's, make it the
+        process's temp folder and have it removed when the process exits."""
+        remove_dead_workers_folders(self.root)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
+        tempfile.tempdir = str(self.folder)
+        self.active = True
+        return self.folder
+
+    def sweep(self, keep: list[Path | None]) -> int:
+        """As a prediction starts: remove earlier predictions' leftover downloads, never the files in
+        `keep` (this prediction's inputs), and coglet's stale empty folders; returns how many downloads
+        went. Does nothing unless isolate() ran (outside Cog's worker)."""
+        if not self.active:
+            return 0
+        prune_empty_dirs(COGLET_PREDICTIONS)
+        keep_names = {Path(p).name for p in keep if p is not None and Path(p).parent == self.folder}
+        removed = 0
+        for entry in os.scandir(self.folder) if self.folder.is_dir() else ():
+            if entry.name in keep_names or not self.DOWNLOAD_NAME.match(entry.name):
+                continue
+            if entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.info("removed %d input file(s) left by failed downloads", removed)
+        return removed
+
+
+def remove_dead_workers_folders(root: Path) -> int:
+    """Remove the worker folders (WORKER_FOLDER) in `root` of processes that no longer run, and the output
+    folders of an earlier process with this one's pid (a container restarts with the same pids; this
+    process has written none yet); returns how many went. A worker killed outright (SIGKILL, the OOM
+    killer, a SIGTERM sent to the worker itself) runs no exit handler."""
+    removed = 0
+    for entry in root.glob("flux-*"):
+        match = WORKER_FOLDER.match(entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        pid = int(match.group(1))
+        mine = pid == os.getpid()
+        if (mine and entry.name.startswith("flux-out-")) or (not mine and not _process_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d folder(s) left in %s by workers that were killed", removed, root)
+    return removed
+
+
+def prune_empty_dirs(root: Path, older_than: float = STALE_AFTER_S) -> int:
+    """Remove the folders directly under `root` that hold no file at all and have not changed for
+    `older_than` seconds (coglet's leftovers); returns how many went. Never removes a file: rmdir
+    refuses a folder that is not empty, so a folder still in use is left alone."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    now, removed = time.time(), 0
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            folders = [entry.path]
+            for parent, dirs, files in os.walk(entry.path):
+                if files or any(os.path.islink(os.path.join(parent, d)) for d in dirs):
+                    raise OSError("not empty")
+                folders.extend(os.path.join(parent, d) for d in dirs)
+            if any(now - os.stat(folder).st_mtime < older_than for folder in folders):
+                continue
+            for folder in reversed(folders):  # children before parents
+                os.rmdir(folder)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.debug("removed %d empty folder(s) from %s", removed, root)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
