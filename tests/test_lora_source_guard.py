@@ -1,0 +1,105 @@
+"""The SSRF guard's judgement of addresses and URLs (no network: resolvers are injected)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from errors import UserError
+from loras.url_guard import Guard, embedded_ipv4, is_public, origin
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.0.0.1", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # shared (CGNAT)
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("240.0.0.1", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fd00:ec2::254", False),  # AWS metadata over IPv6
+        ("ff0e::1", False),
+        # IPv4-mapped and IPv4-compatible
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:8.8.8.8", True),
+        ("::127.0.0.1", False),
+        ("::10.0.0.1", False),
+        # NAT64, well-known prefix and local-use prefix
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254
+        ("64:ff9b::808:808", True),
+        ("64:ff9b:1::808:808", False),
+        # 6to4
+        ("2002:7f00:1::1", False),
+        ("2002:a00:1::", False),
+        ("2002:808:808::1", True),
+        # Teredo: server 65.54.227.120; client (obfuscated) 127.0.0.1, then 8.8.8.8
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),
+        ("2001:0:7f00:1:8000:63bf:f7f7:f7f7", False),  # server 127.0.0.1
+    ],
+)
+def test_is_public(address, public):
+    assert is_public(address) is public
+
+
+def test_embedded_ipv4():
+    assert [str(a) for a in embedded_ipv4(ipaddress.ip_address("64:ff9b::7f00:1"))] == ["127.0.0.1"]
+    assert embedded_ipv4(ipaddress.ip_address("2001:4860:4860::8888")) is None
+
+
+def guard(answers: list[str], calls: list, **kw) -> Guard:
+    def resolve(host, port):
+        calls.append((host, port))
+        return answers
+
+    return Guard(resolve, **kw)
+
+
+def test_every_address_of_a_host_must_be_public():
+    calls = []
+    with pytest.raises(UserError, match=r"Refusing to fetch 'https://mixed.test/x\?…'.*LORA_ALLOW_PRIVATE_URLS"):
+        guard(["8.8.8.8", "10.0.0.1"], calls).check("https://mixed.test/x?sig=secret")
+    assert calls == [("mixed.test", 443)]
+    target = guard(["8.8.8.8", "2001:4860:4860::8888"], calls).check("http://ok.test:8080/x")
+    assert target.addresses == ("8.8.8.8", "2001:4860:4860::8888")
+    assert (target.host, target.port, target.host_header) == ("ok.test", 8080, "ok.test:8080")
+
+
+def test_trusted_hops_and_the_switch_skip_judging_but_still_pin():
+    calls = []
+    assert guard(["10.0.0.5"], calls).check("http://mirror.test/x", trusted=True).addresses == ("10.0.0.5",)
+    assert guard(["10.0.0.5"], calls, allow_private=True).check("http://m.test/x").addresses == ("10.0.0.5",)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("url", ["ftp://x.test/a", "file:///etc/passwd", "http:///nohost", "http://x.test:99999/a"])
+def test_only_well_formed_http_urls(url):
+    with pytest.raises(UserError, match="Refusing to fetch"):
+        guard(["8.8.8.8"], []).check(url)
+
+
+def test_a_failing_or_garbage_resolver_is_a_clear_error():
+    def fails(host, port):
+        raise OSError("no such host")
+
+    with pytest.raises(UserError, match="Could not resolve host 'gone.test'"):
+        Guard(fails).check("http://gone.test/x")
+    with pytest.raises(UserError, match="Refusing"):
+        guard(["not-an-address"], []).check("http://odd.test/x")
+
+
+def test_origin():
+    assert origin("HTTPS://Hub.Example/x?y") == "https://hub.example:443"
+    assert origin("http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
+    assert origin("http://[::1]/") == "http://::1:80"
