@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 import threading
 import time
@@ -67,6 +68,10 @@ class LoraFile:
     tensors: dict[str, torch.Tensor]
     deltas: dict[str, torch.Tensor]  # "transformer.<module>" / "text_encoder.<module>" → ΔW
     metadata: dict[str, str] = field(default_factory=dict)
+    # For a layout diffusers cannot load: the same LoRA in diffusers' own keys (its oracle); None: the file itself.
+    oracle: dict[str, torch.Tensor] | None = None
+    source: str = ""  # where the layout comes from (the tool's code, a posted file)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # ΔW as (A, B), ΔW = B @ A
 
     def write(self, path: Path) -> Path:
         path = Path(path)
@@ -311,6 +316,539 @@ FORMATS = {
 }
 
 
+# ---------------------------------------------------------------- real layouts at FLUX width
+#
+# LoRA files laid out exactly as the tools write them (key names, dtypes, alphas, fused or split layers),
+# for a transformer of FLUX's real width: tests/test_lora_oracle.py loads each one into diffusers (the
+# oracle) and into ours. Each layout's names follow the tool's own naming code, cited beside it; the
+# BFL → diffusers correspondence is the tables above, not loras/formats.py's. The ΔW each module should
+# get is kept as factors (B @ A, float64): at FLUX width the full matrices would take gigabytes.
+
+FLUX_WIDTH = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=128,
+    num_attention_heads=24,  # FLUX.1's real width: 24 × 128 = 3072
+    joint_attention_dim=32,  # the tiny T5 and CLIP of scripts/tiny_weights.py
+    pooled_projection_dim=32,
+    axes_dims_rope=[16, 56, 56],
+    guidance_embeds=True,
+)
+BFL_TOP_ALL = {  # every Linear outside the blocks (kohya's flux_extract_lora.py and ComfyUI's LoraSave take them all)
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+CLIP_ALL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+BLOCK_LINEARS = (  # every Linear of FluxTransformerBlock / FluxSingleTransformerBlock
+    *("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj"),
+    *("attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj"),
+    *("ff_context.net.2", "norm1.linear", "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear"),
+)
+
+
+def flux_width_transformer(seed: int = 0):
+    """FLUX.1's transformer at its real width with one double and one single block."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**FLUX_WIDTH).eval()
+
+
+def model_shapes(transformer, clip=None) -> dict[str, tuple[int, int]]:
+    """(out, in) of each Linear, keyed "transformer.<module>" / "text_encoder.<module>" (CLIP without "text_model.")."""
+    shapes = {f"transformer.{n}": s for n, s in linear_shapes(transformer).items()}
+    if clip is not None:
+        shapes |= {f"text_encoder.{n.removeprefix('text_model.')}": s for n, s in linear_shapes(clip).items()}
+    return shapes
+
+
+@dataclass
+class Layer:
+    """One LoRA layer as a tool names it: its key stem, and the modules its output rows split into."""
+
+    stem: str
+    targets: list[str]  # "transformer.<module>" / "text_encoder.<module>"
+    swap: bool = False  # BFL's final modulation is (shift, scale); diffusers' norm_out.linear is (scale, shift)
+
+
+def _block_indices(shapes, kind: str) -> list[int]:
+    return sorted({int(n.split(".")[2]) for n in shapes if n.startswith(f"transformer.{kind}.")})
+
+
+def bfl_layers(shapes, stem, top=()) -> list[Layer]:
+    """Every Linear of the double and single blocks by its BFL name (+ the top-level ones in `top`)."""
+    layers = []
+    for i in _block_indices(shapes, "transformer_blocks"):
+        for bfl, targets in FIXTURE_DOUBLE.items():
+            modules = [f"transformer.transformer_blocks.{i}.{t}" for t in targets]
+            layers.append(Layer(stem(f"double_blocks.{i}.{bfl}"), modules))
+    for i in _block_indices(shapes, "single_transformer_blocks"):
+        for bfl, targets in FIXTURE_SINGLE.items():
+            modules = [f"transformer.single_transformer_blocks.{i}.{t}" for t in targets]
+            layers.append(Layer(stem(f"single_blocks.{i}.{bfl}"), modules))
+    for bfl in top:
+        module = f"transformer.{BFL_TOP_ALL[bfl]}"
+        if module in shapes:
+            layers.append(Layer(stem(bfl), [module], swap=bfl == "final_layer.adaLN_modulation.1"))
+    return layers
+
+
+def diffusers_layers(shapes, stem, targets=BLOCK_LINEARS) -> list[Layer]:
+    """The blocks' Linear modules ending with one of `targets`, by their diffusers names."""
+    blocks = ("transformer.transformer_blocks.", "transformer.single_transformer_blocks.")
+    names = [n.removeprefix("transformer.") for n in shapes if n.startswith(blocks) and n.endswith(targets)]
+    return [Layer(stem(n), [f"transformer.{n}"]) for n in names]
+
+
+def clip_layers(shapes, stem, targets=CLIP_ALL) -> list[Layer]:
+    names = [n.removeprefix("text_encoder.") for n in shapes if n.startswith("text_encoder.") and n.endswith(targets)]
+    return [Layer(stem(n), [f"text_encoder.{n}"]) for n in names]
+
+
+def write_layers(
+    layers: list[Layer],
+    shapes: dict[str, tuple[int, int]],
+    *,
+    rank: int = 4,
+    down: str = "lora_down",
+    up: str = "lora_up",
+    dtype: torch.dtype = torch.bfloat16,
+    alpha=None,
+    alpha_key: str | None = "{stem}.alpha",
+    alpha_dtype: torch.dtype | None = None,
+    sparse: bool = False,
+    fold: bool = False,
+    seed: int = 0,
+    rel: float = 3.0,
+) -> LoraFile:
+    """Random LoRA tensors for `layers` under the tool's key names, and the ΔW each target gets.
+
+    alpha: None (nothing stored: alpha = rank), a number, or a function of the layer's index.
+    alpha_key: where it is stored ("{stem}.alpha", "{stem}.{down}.weight.alpha"), None for nowhere
+    (given by metadata instead). fold: alpha/rank multiplied into B and not stored. sparse: kohya's
+    split_qkv, a fused layer of n parts has rank n × `rank` and a block-diagonal B. rel: each ΔW's
+    entries are about `rel` × the spread of the base weight's (big enough to change the picture)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for index, layer in enumerate(layers):
+        widths = [shapes[t][0] for t in layer.targets]
+        inp = shapes[layer.targets[0]][1]
+        parts = len(widths) if sparse else 1
+        total = rank * parts
+        value = alpha(index) if callable(alpha) else alpha
+        stored = None
+        if value is not None:
+            stored = torch.tensor(value, dtype=alpha_dtype or dtype)
+            value = float(stored)
+        scale = value / total if value else 1.0
+        a = torch.randn(total, inp, generator=gen) / math.sqrt(inp)
+        b = torch.randn(sum(widths), total, generator=gen) * (rel / (scale * math.sqrt(3 * rank)))
+        if parts > 1:  # block-diagonal: part j's rows only see ranks j·rank … (j+1)·rank
+            mask, row = torch.zeros_like(b), 0
+            for j, width in enumerate(widths):
+                mask[row : row + width, j * rank : (j + 1) * rank] = 1
+                row += width
+            b = b * mask
+        if fold:
+            b, scale = b * scale, 1.0
+        a, b = a.to(dtype), b.to(dtype)
+        tensors[f"{layer.stem}.{down}.weight"] = a
+        tensors[f"{layer.stem}.{up}.weight"] = b
+        if stored is not None and alpha_key is not None and not fold:
+            tensors[alpha_key.format(stem=layer.stem, down=down)] = stored
+        row = 0
+        for target, width in zip(layer.targets, widths, strict=True):
+            piece = b[row : row + width].double() * scale
+            row += width
+            if layer.swap:
+                piece = torch.cat(piece.chunk(2)[::-1])
+            factors[target] = (a.double(), piece)
+    return LoraFile(tensors, {}, factors=factors)
+
+
+def diffusers_keys(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The same LoRA in diffusers' own keys (PEFT names, alpha folded): the oracle for what diffusers cannot read."""
+    state = {}
+    for target, (a, b) in factors.items():
+        # CLIP as transformers 4 names it: diffusers drops the "text_model." a transformers-5 CLIP lacks
+        target = target.replace("text_encoder.", "text_encoder.text_model.", 1)
+        state[f"{target}.lora_A.weight"] = a.float()
+        state[f"{target}.lora_B.weight"] = b.float()
+    return state
+
+
+def _kohya(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def kohya_lora_flux(transformer, clip, seed=0) -> LoraFile:
+    lora = write_layers(
+        bfl_layers(shapes := model_shapes(transformer, clip), lambda n: "lora_unet_" + _kohya(n))
+        + clip_layers(shapes, lambda n: "lora_te1_text_model_" + _kohya(n)),
+        shapes,
+        dtype=torch.bfloat16,
+        alpha=2.0,  # --network_alpha 2 with --network_dim 4
+        seed=seed,
+    )
+    lora.source = (
+        "kohya-ss/sd-scripts networks/lora_flux.py LoRANetwork: LORA_PREFIX_FLUX 'lora_unet' + the BFL module name "
+        "('.' → '_') for every Linear of DoubleStreamBlock/SingleStreamBlock, LORA_PREFIX_TEXT_ENCODER_CLIP "
+        "'lora_te1' + CLIPAttention/CLIPMLP children (transformers-4 names, text_model.), lora_down/lora_up and "
+        "an alpha buffer, all cast to --save_precision (bf16) by save_weights"
+    )
+    return lora
+
+
+def kohya_split_qkv(transformer, clip, seed=0) -> LoraFile:
+    lora = write_layers(
+        bfl_layers(shapes := model_shapes(transformer), lambda n: "lora_unet_" + _kohya(n)),
+        shapes,
+        dtype=torch.float16,
+        alpha=4.0,
+        sparse=True,
+        seed=seed,
+    )
+    lora.source = (
+        "kohya-ss/sd-scripts networks/lora_flux.py with --network_args split_qkv=True: LoRANetwork.state_dict "
+        "merges the split q/k/v(/mlp) modules into one lora_down (ranks concatenated) and a block-diagonal "
+        "lora_up, alpha unchanged; --save_precision fp16"
+    )
+    return lora
+
+
+def kohya_extract(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        bfl_layers(shapes, lambda n: "lora_unet_" + _kohya(n), top=BFL_TOP_ALL),
+        shapes,
+        dtype=torch.bfloat16,
+        alpha=4,
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers drops the top-level layers (no "transformer." prefix)
+    lora.source = (
+        "kohya-ss/sd-scripts networks/flux_extract_lora.py: every Linear weight of the BFL model (img_in … "
+        "final_layer), lora_name = 'lora_unet_' + key ('.' → '_'), alpha = torch.tensor(rank), all cast by "
+        "save_to_file to --save_precision bf16 (without it the alphas stay int64)"
+    )
+    return lora
+
+
+def kohya_final_layer_alpha(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        bfl_layers(shapes, lambda n: "lora_unet_" + _kohya(n), top=BFL_TOP_ALL),
+        shapes,
+        dtype=torch.bfloat16,
+        alpha=8.0,
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers applies final_layer's lora unscaled (its TODO: alphas)
+    lora.source = (
+        "kohya LoRAs with final_layer and alphas, huggingface/diffusers#13998 (final_layer.linear / "
+        "adaLN_modulation.1 with .alpha); diffusers' _convert_sd_scripts_to_ai_toolkit pops but ignores those alphas"
+    )
+    return lora
+
+
+def comfyui_lorasave(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer, clip)
+    lora = write_layers(
+        bfl_layers(shapes, lambda n: "diffusion_model." + n, top=BFL_TOP_ALL)
+        + clip_layers(shapes, lambda n: "text_encoders.clip_l.transformer.text_model." + n),
+        shapes,
+        dtype=torch.float16,
+        seed=seed,
+    )
+    # LoraSave extracts every 2-D weight, CLIP's embeddings too: an unchanged one is all zeros.
+    stem = "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding"
+    lora.tensors[f"{stem}.lora_up.weight"] = torch.zeros(77, 4, dtype=torch.float16)
+    lora.tensors[f"{stem}.lora_down.weight"] = torch.randn(4, 32).half()
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers drops the top-level layers (no "transformer." prefix)
+    lora.source = (
+        "ComfyUI comfy_extras/nodes_lora_extract.py LoraSave: '{}.lora_up.weight' / lora_down for every 2-D "
+        "weight of the model ('diffusion_model.' + BFL name) and of CLIP ('text_encoders.' + "
+        "'clip_l.transformer.text_model.…'), .half(), no alpha (bias_diff off)"
+    )
+    return lora
+
+
+def ai_toolkit(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: "transformer." + n),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.float16,
+        seed=seed,
+    )
+    lora.source = (
+        "ostris/ai-toolkit toolkit/network_mixins.py get_state_dict with peft_format (always on for FLUX, "
+        "toolkit/lora_special.py): 'transformer.' + diffusers names, lora_down → lora_A, lora_up → lora_B, "
+        ".alpha keys dropped (alpha = rank), saved as float16 (config/examples/train_lora_flux_24gb.yaml: "
+        "save dtype float16); keys as posted in ostris/ai-toolkit#67"
+    )
+    return lora
+
+
+def dreambooth_flux(transformer, clip, seed=0) -> LoraFile:
+    """Written by diffusers' own FluxPipeline.save_lora_weights, as the script calls it."""
+    import tempfile
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    shapes = model_shapes(transformer, clip)
+    targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj")
+    targets += ("attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj")
+    targets += ("ff_context.net.2",)
+    te_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: n, targets), shapes, down="lora_A", up="lora_B", alpha=8, alpha_key=None
+    )
+    text = write_layers(
+        clip_layers(shapes, lambda n: "text_model." + n, te_targets),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.float32,
+        alpha=8,
+        alpha_key=None,
+        seed=seed + 1,
+    )
+    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": "gaussian"}
+    with tempfile.TemporaryDirectory() as tmp:
+        FluxPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=lora.tensors,
+            text_encoder_lora_layers=text.tensors,
+            transformer_lora_adapter_metadata=LoraConfig(**config, target_modules=list(targets)).to_dict(),
+            text_encoder_lora_adapter_metadata=LoraConfig(**config, target_modules=list(te_targets)).to_dict(),
+        )
+        path = Path(tmp) / "pytorch_lora_weights.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+    lora = LoraFile(tensors, {}, metadata, factors={**lora.factors, **text.factors})
+    lora.source = (
+        "huggingface/diffusers examples/dreambooth/train_dreambooth_lora_flux.py: FluxPipeline.save_lora_weights "
+        "of get_peft_model_state_dict(transformer) in weight_dtype (bf16) and of the text encoder in float32 "
+        "(transformers-4 names, text_model.), the LoraConfigs (lora_alpha) in 'lora_adapter_metadata'"
+    )
+    return lora
+
+
+def onetrainer_legacy(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer, clip)
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: "lora_transformer_" + _kohya(n))
+        + clip_layers(shapes, lambda n: "lora_te1_text_model_" + _kohya(n)),
+        shapes,
+        dtype=torch.bfloat16,
+        alpha=1.0,  # OneTrainer's default lora_alpha
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers' mixture converter handles attention layers only
+    lora.source = (
+        "Nerogar/OneTrainer modules/util/convert_lora_util.py convert_to_mixture (FluxLoRASaver's LEGACY format): "
+        "'transformer' → 'lora_transformer', 'text_encoder' → 'lora_te1', module path flattened ('.' → '_'), "
+        "lora_down/lora_up + .alpha; the mixture diffusers' _convert_mixture_state_dict_to_diffusers reads"
+    )
+    return lora
+
+
+def onetrainer_diffusers(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer, clip)
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: "transformer." + n)
+        + clip_layers(shapes, lambda n: "text_encoder." + n),  # transformers-5 names: no text_model.
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.float16,
+        alpha=2.0,
+        fold=True,
+        seed=seed,
+    )
+    lora.source = (
+        "Nerogar/OneTrainer convert_lora_util.py convert_to_diffusers: diffusers names, lora_down → lora_A, "
+        "alpha folded into lora_B and the .alpha key dropped (lora_fold_alpha); CLIP under 'text_encoder.' with "
+        "the live CLIPTextModel's names (transformers 5: no text_model.)"
+    )
+    return lora
+
+
+def xlabs_flux(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    layers = []
+    for i in _block_indices(shapes, "transformer_blocks"):
+        block = f"transformer.transformer_blocks.{i}.attn"
+        layers += [
+            Layer(f"double_blocks.{i}.processor.qkv_lora1", [f"{block}.to_q", f"{block}.to_k", f"{block}.to_v"]),
+            Layer(f"double_blocks.{i}.processor.proj_lora1", [f"{block}.to_out.0"]),
+            Layer(f"double_blocks.{i}.processor.qkv_lora2", [f"{block}.add_{x}_proj" for x in "qkv"]),
+            Layer(f"double_blocks.{i}.processor.proj_lora2", [f"{block}.to_add_out"]),
+        ]
+    for i in _block_indices(shapes, "single_transformer_blocks"):
+        block = f"transformer.single_transformer_blocks.{i}"
+        layers += [
+            Layer(f"single_blocks.{i}.processor.qkv_lora", [f"{block}.attn.to_{x}" for x in "qkv"]),
+            Layer(f"single_blocks.{i}.processor.proj_lora", [f"{block}.proj_out"]),
+        ]
+    lora = write_layers(layers, shapes, down="down", up="up", dtype=torch.bfloat16, rel=6.0, seed=seed)
+    lora.source = (
+        "XLabs-AI/x-flux src/flux/modules/layers.py DoubleStreamBlockLoraProcessor (qkv_lora1, proj_lora1, "
+        "qkv_lora2, proj_lora2) and SingleStreamBlockLoraProcessor (qkv_lora on linear1's q/k/v, proj_lora on "
+        "linear2), LoRALinearLayer .down/.up; train_flux_lora_deepspeed.py saves the '_lora' keys, no alpha"
+    )
+    return lora
+
+
+def thelastben(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: "transformer." + n),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.bfloat16,
+        alpha=lambda i: (2.0, 8.0, 16.0)[i % 3],
+        alpha_key="{stem}.{down}.weight.alpha",
+        alpha_dtype=torch.float32,
+        seed=seed,
+    )
+    lora.source = (
+        "TheLastBen/Jon_Snow_Flux_LoRA jon_snow.safetensors, as diffusers' tests/lora/test_lora_layers_flux.py "
+        "test_with_alpha_in_state_dict rebuilds it: PEFT names with '<module>.lora_A.weight.alpha' per module"
+    )
+    return lora
+
+
+def peft_save_pretrained(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: "base_model.model." + n, ("attn.to_q", "attn.to_k", "proj_mlp", "ff.net.2")),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.float32,
+        rel=8.0,  # only a few attention layers: a stronger LoRA, to show
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers sends any 'base_model' key to its fal-Kontext converter
+    lora.source = (
+        "huggingface/peft PeftModel.save_pretrained → adapter_model.safetensors: get_peft_model_state_dict keys "
+        "under the PeftModel's 'base_model.model.' (adapter name removed); alpha stays in adapter_config.json"
+    )
+    return lora
+
+
+SIMPLETUNER_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj")
+SIMPLETUNER_ATTN += ("attn.add_v_proj", "attn.to_add_out")  # the layers in the keys posted in ComfyUI#4347
+
+
+def simpletuner_peft(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        diffusers_layers(shapes, lambda n: "transformer.base_model.model." + n, SIMPLETUNER_ATTN),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.bfloat16,
+        rel=8.0,  # only a few attention layers: a stronger LoRA, to show
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)
+    lora.source = (
+        "SimpleTuner FLUX LoRAs posted in comfyanonymous/ComfyUI#4347: "
+        "'transformer.base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight'"
+    )
+    return lora
+
+
+def onetrainer_original(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        bfl_layers(shapes, lambda n: n, top=("img_in", "txt_in", "final_layer.adaLN_modulation.1")),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.bfloat16,
+        alpha=1.0,
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers loads nothing from BFL names with lora_A/lora_B
+    lora.source = (
+        "Nerogar/OneTrainer LoRASaverMixin._save_original (ORIGINAL format): FluxModel.diffusers_to_original's "
+        "BFL names (img_attn.qkv, linear1, …) unprefixed, convert_lora_suffix_ab(peft_convention=False): "
+        "lora_A/lora_B with .alpha kept"
+    )
+    return lora
+
+
+def fal_kontext(transformer, clip, seed=0) -> LoraFile:
+    shapes = model_shapes(transformer)
+    lora = write_layers(
+        bfl_layers(shapes, lambda n: "base_model.model." + n, top=("img_in", "txt_in", "final_layer.linear")),
+        shapes,
+        down="lora_A",
+        up="lora_B",
+        dtype=torch.bfloat16,
+        seed=seed,
+    )
+    lora.oracle = diffusers_keys(lora.factors)  # diffusers' converter needs all 19 + 38 blocks
+    lora.source = (
+        "fal's FLUX Kontext trainer, as diffusers' _convert_fal_kontext_lora_to_diffusers reads it: "
+        "'base_model.model.' + BFL names (double_blocks.N.img_attn.qkv, single_blocks.N.linear1, …), lora_A/lora_B"
+    )
+    return lora
+
+
+# name → builder(transformer, clip, seed) at any width; each LoraFile says its source, and has `oracle`
+# when diffusers cannot read the file itself (DIFFUSERS_CANNOT_READ says why, as of diffusers 0.42).
+REAL_LAYOUTS = {
+    "kohya": kohya_lora_flux,
+    "kohya-split-qkv": kohya_split_qkv,
+    "kohya-extract": kohya_extract,
+    "kohya-final-layer-alpha": kohya_final_layer_alpha,
+    "comfyui": comfyui_lorasave,
+    "ai-toolkit": ai_toolkit,
+    "diffusers-dreambooth": dreambooth_flux,
+    "onetrainer-legacy": onetrainer_legacy,
+    "onetrainer-diffusers": onetrainer_diffusers,
+    "xlabs": xlabs_flux,
+    "thelastben-alpha": thelastben,
+    "peft": peft_save_pretrained,
+    "simpletuner-peft": simpletuner_peft,
+    "onetrainer-original": onetrainer_original,
+    "fal-kontext": fal_kontext,
+}
+DIFFUSERS_CANNOT_READ = {
+    "kohya-extract": "its kohya converter writes img_in … final_layer without 'transformer.': dropped in silence",
+    "kohya-final-layer-alpha": "the same, and it ignores final_layer's alphas ('# TODO: alphas')",
+    "comfyui": "'diffusion_model.' goes through the kohya converter: the top-level layers are dropped",
+    "onetrainer-legacy": "_convert_mixture_state_dict_to_diffusers handles attention layers only (KeyError)",
+    "peft": "any key with 'base_model' goes to _convert_fal_kontext_lora_to_diffusers, which needs 19 + 38 blocks",
+    "simpletuner-peft": "the same 'base_model' routing",
+    "fal-kontext": "its converter hard-codes FLUX's 19 double and 38 single blocks",
+    "onetrainer-original": "BFL names with lora_A/lora_B match nothing: a warning, then set_adapters fails",
+}
+
+
 def tar_bytes(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -330,16 +868,19 @@ class Route:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before the status line
-    trickle: float = 0.0  # seconds between 1 KiB pieces of the body
+    trickle: float = 0.0  # seconds between pieces of the body
+    piece: int = 1024  # bytes per trickled piece
+    head_trickle: float = 0.0  # seconds between bytes of the status line and headers
     require_auth: str | None = None  # "Bearer <token>" this path needs, else 401
     truncate: int | None = None  # send only this many bytes of the body (Content-Length stays full)
 
 
 class RouteServer:
     """Stands in for Replicate, Hugging Face, CivitAI and file hosts: a threaded HTTP server on
-    127.0.0.1 that routes by path (query ignored) and records every request."""
+    127.0.0.1 (or another loopback `host`; https with `tls`, a server-side SSLContext) that routes
+    by path (query ignored) and records every request."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1", tls=None):
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.lock = threading.Lock()
@@ -358,10 +899,12 @@ class RouteServer:
             def handle_error(self, request, client_address):  # clients hanging up early is part of the tests
                 pass
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server((host, 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls is not None else 'http'}://{host}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
@@ -479,6 +1022,17 @@ class RouteServer:
         if route.require_auth and handler.headers.get("Authorization") != route.require_auth:
             route = Route(status=401, body=b'{"error": "Unauthorized"}')
         body = route.body
+        if route.head_trickle:
+            head = f"HTTP/1.1 {route.status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            for i in range(len(head)):
+                try:
+                    handler.wfile.write(head[i : i + 1])
+                    handler.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(route.head_trickle)
+            handler.close_connection = True
+            return
         handler.send_response(route.status)
         for k, v in route.headers.items():
             handler.send_header(k, v)
@@ -490,9 +1044,9 @@ class RouteServer:
             handler.close_connection = True
             return
         if route.trickle:
-            for i in range(0, len(body), 1024):
+            for i in range(0, len(body), route.piece):
                 try:
-                    handler.wfile.write(body[i : i + 1024])
+                    handler.wfile.write(body[i : i + route.piece])
                     handler.wfile.flush()
                 except OSError:
                     return
