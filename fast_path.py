@@ -352,8 +352,6 @@ def _compiled_graph_count() -> int:
 def _backend_importable(name: str) -> bool:
     if name == "_flash_3":
         return importlib.util.find_spec("flash_attn_interface") is not None
-    if name == "flash":
-        return importlib.util.find_spec("flash_attn") is not None
     return True
 
 

@@ -19,13 +19,17 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
 from errors import UserError
-from lora_sources import LoraCache, parse_source
+from loras.cache import LoraCache, UserTokens
 from loras.formats import ParsedLora, parse_lora
+from loras.sources import public_label, split_sources
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,47 @@ def _linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (m.out_features, m.in_features) for name, m in linears}
 
 
+@dataclass
+class _Region:
+    """What one region of one model's adapter holds: the ONE piece of state the manager keeps.
+
+    clean: `loras` is () and every rank is zero. loaded: `loras` lists (digest, scale) of what the
+    ranks hold, in rank order. dirty: `loras` is None: a write began and did not finish, so the
+    ranks hold something unknown. `written` is, per layer, an upper bound on the leading ranks
+    that may be non-zero (beyond it, the region is zero): raised before a write, lowered after a
+    zeroing, so it holds at every line and a dirty region can always be zeroed exactly.
+    """
+
+    span: range
+    loras: tuple[tuple[str, float], ...] | None = ()
+    labels: tuple[str, ...] = ()
+    written: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return "dirty" if self.loras is None else "loaded" if self.loras else "clean"
+
+
+@dataclass
+class _Target:
+    """One model with the adapter: its LoRA layers, its regions, and whether the adapter is on
+    (None while being switched)."""
+
+    model: torch.nn.Module
+    component: str  # "transformer" | "text_encoder": which part of a LoRA file applies to it
+    layers: dict[str, torch.nn.Module]
+    regions: dict[str, _Region]
+    enabled: bool | None = False
+
+
+@dataclass(frozen=True)
+class RegionView:
+    """The public view of a region, for logs and tests: its status and the (label, scale) it holds."""
+
+    status: str
+    loras: tuple[tuple[str, float], ...]
+
+
 class LoraManager:
     """Keeps the models at exactly base + lora_scale·ΔW_main + extra_lora_scale·ΔW_extra."""
 
@@ -78,16 +123,20 @@ class LoraManager:
         max_rank: int = 128,
         memory_bytes: int = 8 << 30,
         main: Path | None = None,
+        max_main_rank: int | None = None,
+        main_label: str | None = None,
     ):
-        """`main`: the deployment's trained LoRA (None: plain FLUX); its rank sizes the main region.
-        `max_rank`: the largest extra LoRA rank served (LORA_MAX_RANK), the extra region's size."""
+        """`main`: the deployment's own fine-tune, a local file (None: plain FLUX).
+        `max_rank`: the ranks the extra LoRAs of one request share (LORA_MAX_RANK), the extra region.
+        `max_main_rank`: the largest per-request fine-tune (`replicate_weights`) served
+        (LORA_MAX_MAIN_RANK, default `max_rank`; 0: none). The main region holds the larger of it
+        and the deployment's own LoRA's rank, rounded up to a multiple of 8."""
+        start = time.monotonic()
         self.transformers = list(transformers)
         self.text_encoder = text_encoder
         self.cache = cache
         self.max_rank = int(max_rank)
         self.memory_bytes = int(memory_bytes)
-        start = time.monotonic()
-        self._models = [*self.transformers, *([text_encoder] if text_encoder is not None else [])]
         self.shapes: dict[str, dict[str, tuple[int, int]]] = {"transformer": {}, "text_encoder": {}}
         for model in self.transformers:
             for name, shape in _linear_shapes(model).items():
@@ -96,35 +145,53 @@ class LoraManager:
         if text_encoder is not None:
             self.shapes["text_encoder"] = _linear_shapes(text_encoder)
         # The main LoRA is parsed first: its rank, rounded up, is the main region's size.
-        self._main = None if main is None else parse_lora(Path(main), Path(main).name, self.shapes, math.inf)
-        main_ranks = -(-self._main.rank // RANK_ALIGN) * RANK_ALIGN if self._main else 0
+        main_label = main_label or (Path(main).name if main is not None else "")
+        self.main = None if main is None else parse_lora(Path(main), main_label, self.shapes, math.inf)
+        self.max_main_rank = self.max_rank if max_main_rank is None else int(max_main_rank)
+        main_ranks = max(self.main.rank if self.main else 0, self.max_main_rank)
+        main_ranks = -(-main_ranks // RANK_ALIGN) * RANK_ALIGN
         self.regions = {"main": range(0, main_ranks), "extra": range(main_ranks, main_ranks + self.max_rank)}
-        self._layers = {id(m): _inject_adapter(m, self.rank) for m in self._models}
-        self._loaded: dict[tuple[int, str], tuple[str, float] | None] = {}
-        self._dirty: dict[tuple[int, str], set[str]] = {}
-        self._ranks: dict[tuple[int, str], dict[str, int]] = {}
-        self._enabled: dict[int, bool] = dict.fromkeys(map(id, self._models), False)
-        self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()
-        self._last: tuple | None = None
+        models = [(m, "transformer") for m in self.transformers]
+        models += [(text_encoder, "text_encoder")] if text_encoder is not None else []
+        self._targets = [
+            _Target(model, component, _inject_adapter(model, self.rank), {r: _Region(self.regions[r]) for r in REGIONS})
+            for model, component in models
+        ]
+        self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()  # parsed LoRAs by file identity
         logger.info(
             "LoRA adapter of rank %d (main %d + extra %d) in %d layers of %d model(s) in %.2f s",
             self.rank,
             len(self.regions["main"]),
             len(self.regions["extra"]),
-            sum(len(v) for v in self._layers.values()),
-            len(self._models),
+            sum(len(t.layers) for t in self._targets),
+            len(self._targets),
             time.monotonic() - start,
         )
-        self._log_main()
+        if self.main:
+            logger.info(
+                "LoRA main %s: %d layers, rank %d, %s bytes",
+                self.main.label,
+                len(self.main.pairs),
+                self.main.rank,
+                f"{self.main.nbytes:,}",
+            )
 
     @property
     def rank(self) -> int:
         """The adapter's rank: the main region's ranks plus the extra region's."""
         return self.regions["extra"].stop
 
+    @property
+    def adapter_shape(self) -> str:
+        """What a compiled graph depends on in the adapter (for the compile cache's key)."""
+        return f"LoRA adapter rank {self.rank} (main {len(self.regions['main'])})"
+
     @classmethod
-    def from_env(cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None) -> LoraManager:
-        """LORA_MAX_RANK (default 128) and LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB)."""
+    def from_env(
+        cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None, main_label: str | None = None
+    ) -> LoraManager:
+        """LORA_MAX_RANK (default 128), LORA_MAX_MAIN_RANK (default LORA_MAX_RANK) and
+        LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB)."""
         return cls(
             transformers,
             text_encoder,
@@ -132,103 +199,135 @@ class LoraManager:
             max_rank=int(os.environ.get("LORA_MAX_RANK", "128")),
             memory_bytes=int(os.environ.get("LORA_MEMORY_MAX_BYTES", str(8 << 30))),
             main=main,
+            main_label=main_label,
+            max_main_rank=int(os.environ["LORA_MAX_MAIN_RANK"]) if os.environ.get("LORA_MAX_MAIN_RANK") else None,
         )
 
     # ---- what the predictor calls
 
-    def set_main(self, path: Path | None) -> None:
-        """Replace the main LoRA (None: plain FLUX); it must fit the main region sized at construction."""
-        main = None if path is None else parse_lora(Path(path), Path(path).name, self.shapes, math.inf)
-        if main is not None and main.rank > len(self.regions["main"]):
-            raise UserError(
-                f"LoRA {main.label}: its rank {main.rank} does not fit the main LoRA's {len(self.regions['main'])} "
-                "ranks set up at construction; pass it as `main` when creating the LoraManager"
-            )
-        self._main = main
-        self._last = None
-        self._log_main()
-
-    def _log_main(self) -> None:
-        if self._main:
-            logger.info(
-                "LoRA main %s: %d layers, rank %d, %s bytes",
-                self._main.label,
-                len(self._main.pairs),
-                self._main.rank,
-                f"{self._main.nbytes:,}",
-            )
-
     def apply(
-        self, transformer: torch.nn.Module, lora_scale: float, extra_lora: str | None, extra_lora_scale: float
+        self,
+        transformer: torch.nn.Module,
+        lora_scale: float,
+        extra_lora: str | None = None,
+        extra_lora_scale: float = 1.0,
+        *,
+        main: str | None = None,
+        tokens: UserTokens | None = None,
     ) -> None:
-        """Make `transformer` (+ CLIP) base + the requested LoRAs; UserError leaves the models as they were."""
-        if not any(transformer is t for t in self.transformers):
-            raise RuntimeError("apply() was given a transformer this LoraManager does not manage")
+        """Make `transformer` (+ CLIP) exactly base + lora_scale·ΔW_main + Σ sᵢ·ΔWᵢ.
+
+        `main`: a per-request fine-tune replacing the deployment's own (`replicate_weights`);
+        `extra_lora`: one source or a list (loras.sources.split_sources), each at its own scale or
+        `extra_lora_scale`. Everything that can fail (fetching, parsing, checking) happens before
+        any tensor is touched, so a UserError leaves the models as they were; an interruption
+        while writing (a cancel) is undone to the exact base."""
+        target = self._target(transformer)
         lora_scale, extra_lora_scale = float(lora_scale), float(extra_lora_scale)
         if not (math.isfinite(lora_scale) and math.isfinite(extra_lora_scale)):
-            raise UserError("lora_scale and extra_lora_scale must be finite numbers")
-        extra_lora = (extra_lora or "").strip() or None
-        main = self._main if self._main is not None and lora_scale != 0 else None
-        want_extra = extra_lora if extra_lora is not None and extra_lora_scale != 0 else None
-        request = (id(transformer), main and main.digest, lora_scale, want_extra, extra_lora_scale)
-        if request == self._last:
+            raise UserError("lora_scale and extra_lora_scale must be finite numbers.")
+        start = time.monotonic()
+        # 1. What each region must hold (a LoRA at scale 0 is as if absent).
+        wanted: dict[str, list[tuple[ParsedLora, float]]] = {"main": [], "extra": []}
+        chosen = self.main
+        if main is not None and main.strip():
+            if not self.max_main_rank:
+                raise UserError("replicate_weights is switched off on this server (LORA_MAX_MAIN_RANK=0).")
+            chosen = self._parsed(main, tokens)
+            _check_rank([chosen], len(self.regions["main"]), "replicate_weights", "LORA_MAX_MAIN_RANK")
+        if chosen is not None and lora_scale != 0:
+            wanted["main"].append((chosen, lora_scale))
+        for source, scale in split_sources(extra_lora, extra_lora_scale):
+            if scale == 0:
+                continue
+            extra = self._parsed(source, tokens)
+            if wanted["main"] and extra.digest == chosen.digest:
+                logger.info("LoRA extra %s is the main LoRA; applying it once, at lora_scale", extra.label)
+                continue
+            wanted["extra"].append((extra, scale))
+        _check_rank([lora for lora, _ in wanted["extra"]], self.max_rank, "extra_lora", "LORA_MAX_RANK")
+        empty: dict[str, list[tuple[ParsedLora, float]]] = {r: [] for r in REGIONS}
+        plan = [(t, wanted if t is target or t.component == "text_encoder" else empty) for t in self._targets]
+        if all(t.enabled == _on(want) and all(_holds(t.regions[r], want[r]) for r in REGIONS) for t, want in plan):
             logger.info("LoRA: same set as the previous request, nothing to do")
             return
-        start = time.monotonic()
-        extra = None
-        if want_extra is not None:
-            extra = self._parsed(want_extra)  # everything that can fail happens before any tensor is touched
-            if main is not None and extra.digest == main.digest:
-                logger.info("LoRA extra %s is the main LoRA; applying it once", extra.label)
-                extra = None
+        # 2. Write, undoing everything on any interruption.
+        changed = 0
         try:
-            changed = self._set(transformer, main, lora_scale, extra, extra_lora_scale)
+            for t, want in plan:
+                for region in REGIONS:
+                    changed += self._fill(t, region, want[region])
+                self._enable(t, _on(want))
         except BaseException:
             self.reset()
             raise
-        self._last = request
         logger.info(
             "LoRA applied in %.1f ms (%d layers rewritten): %s",
             (time.monotonic() - start) * 1000,
             changed,
-            self._describe(transformer, main, lora_scale, extra, extra_lora_scale),
+            self._describe(target, wanted),
         )
 
     def compile_states(self, transformer: torch.nn.Module):
         """Put `transformer` in each state a torch.compile graph is specialised on, yielding in each:
         adapter on, then off. What the adapter holds does not matter (the graph reads its weights as
         tensors), so this works with no main LoRA too. Ends at the exact base model."""
+        target = self._target(transformer)
         try:
             for enabled in (True, False):
-                self._enable(transformer, enabled)
+                self._enable(target, enabled)
                 yield
         finally:
             self.reset()
 
     def reset(self) -> None:
-        """Back to the exact base model (after a cancelled or failed request)."""
-        for model in self._models:
+        """Back to the exact base model: every region zeroed, every adapter off."""
+        for target in self._targets:
             for region in REGIONS:
-                self._fill(model, region, None, 0.0)
-            self._enable(model, False)
-        self._last = None
+                self._fill(target, region, [])
+            self._enable(target, False)
+
+    # ---- the public view (logs, tests)
+
+    def state(self, model: torch.nn.Module) -> dict[str, RegionView]:
+        target = self._target(model)
+        views = {}
+        for name, region in target.regions.items():
+            loras = () if region.loras is None else tuple(zip(region.labels, (s for _, s in region.loras), strict=True))
+            views[name] = RegionView(region.status, loras)
+        return views
+
+    def adapter_layers(self, model: torch.nn.Module) -> Mapping[str, torch.nn.Module]:
+        """name → PEFT LoRA layer of `model` (read-only: for tests and benchmarks)."""
+        return MappingProxyType(self._target(model).layers)
+
+    @property
+    def in_memory(self) -> list[str]:
+        """Labels of the parsed LoRAs kept in memory, oldest first."""
+        return [lora.label for lora in self._memory.values()]
 
     # ---- internals
 
-    def _parsed(self, source: str) -> ParsedLora:
-        path = self.cache.fetch(source)
+    def _target(self, model: torch.nn.Module) -> _Target:
+        for target in self._targets:
+            if target.model is model:
+                return target
+        raise RuntimeError("this LoraManager does not manage that model")
+
+    def _parsed(self, source: str, tokens: UserTokens | None) -> ParsedLora:
+        path = self.cache.fetch(source, tokens)
+        label = public_label(source)
         try:
             stat = path.stat()
-        except OSError as e:  # evicted by another process between fetch and here
-            raise UserError(f"LoRA {parse_source(source).label}: the cached file vanished; try again.") from e
-        key = (str(path.resolve()), stat.st_ino, stat.st_size)
-        label = parse_source(source).label
+        except OSError:  # evicted by another process between fetch and here
+            raise UserError(f"LoRA {label}: the cached file vanished; try again.") from None
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # an edited file is re-read
         if key in self._memory:
             self._memory.move_to_end(key)
             logger.info("LoRA %s: parsed tensors from memory", label)
             return self._memory[key]
         start = time.monotonic()
-        lora = parse_lora(path, label, self.shapes, self.max_rank)
+        lora = parse_lora(path, label, self.shapes, math.inf)  # ranks are checked against their region
         self._memory[key] = lora
         while sum(x.nbytes for x in self._memory.values()) > self.memory_bytes and len(self._memory) > 1:
             self._memory.popitem(last=False)
@@ -242,74 +341,99 @@ class LoraManager:
         )
         return lora
 
-    def _set(self, transformer, main, lora_scale, extra, extra_scale) -> int:
-        changed = 0
-        for model in self._models:
-            used = model is transformer or model is self.text_encoder
-            changed += self._fill(model, "main", main if used else None, lora_scale)
-            changed += self._fill(model, "extra", extra if used else None, extra_scale)
-            self._enable(model, any(self._loaded.get((id(model), r)) for r in REGIONS))
-        return changed
-
     @torch.no_grad()
-    def _fill(self, model, region: str, lora: ParsedLora | None, scale: float) -> int:
-        """Copy `lora` at `scale` into `region` of `model`'s layers; zero what it leaves. Returns layers written."""
-        key = (id(model), region)
-        start, size = self.regions[region].start, len(self.regions[region])
-        layers = self._layers[id(model)]
-        pairs = lora.components["text_encoder" if model is self.text_encoder else "transformer"] if lora else {}
-        pairs = {name: pair for name, pair in pairs.items() if name in layers}
-        want = (lora.digest, scale) if pairs and scale != 0 else None
-        if self._loaded.get(key) == want:
+    def _fill(self, target: _Target, name: str, loras: list[tuple[ParsedLora, float]]) -> int:
+        """Make region `name` of `target` hold exactly `loras` (stacked in rank order, each A and
+        scale·B), zero everywhere else. Returns the layers written."""
+        region = target.regions[name]
+        if _holds(region, loras):
             return 0
-        if want is None:
-            pairs = {}
-        # Before writing anything: a cancel half-way must still be undone by reset().
-        dirty = self._dirty.get(key, set())
-        self._dirty[key] = dirty | pairs.keys()
-        self._loaded.pop(key, None)
-        ranks = self._ranks.setdefault(key, {})  # layer → how many leading ranks of the region may be non-zero
-        for name in dirty - pairs.keys():
-            used = ranks.pop(name, size)
-            layers[name].lora_A[ADAPTER].weight[start : start + used].zero_()
-            layers[name].lora_B[ADAPTER].weight[:, start : start + used].zero_()
-        for name, (down, up) in pairs.items():
-            a = layers[name].lora_A[ADAPTER].weight[start : start + size]
-            b = layers[name].lora_B[ADAPTER].weight[:, start : start + size]
-            r, used = down.shape[0], ranks.get(name, size)
-            ranks[name] = max(r, used)
-            a[:r].copy_(down)
-            b[:, :r].copy_(up).mul_(scale)  # the one place the scale is applied
-            if used > r:  # only the ranks an earlier LoRA wrote need zeroing, not all the padding
-                a[r:used].zero_()
-                b[:, r:used].zero_()
-            ranks[name] = r
-        self._dirty[key] = set(pairs)
-        self._loaded[key] = want
-        return len(dirty | pairs.keys())
+        pieces: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+        offset = 0
+        for lora, scale in loras:
+            for layer, (down, up) in lora.components[target.component].items():
+                if layer in target.layers:
+                    pieces.setdefault(layer, []).append((offset, down, up, scale))
+            offset += lora.rank
+        if offset > len(region.span):
+            raise RuntimeError(f"{offset} ranks do not fit the {name} region's {len(region.span)}")
+        start, written = region.span.start, region.written
+        region.loras = None  # dirty from here until the end
+        stale = [layer for layer in written if layer not in pieces]
+        for layer in stale:
+            _zero(target.layers[layer], start, 0, written[layer])
+            del written[layer]
+        for layer, parts in pieces.items():
+            old = written.get(layer, 0)
+            written[layer] = max(old, parts[-1][0] + parts[-1][1].shape[0])
+            a = target.layers[layer].lora_A[ADAPTER].weight
+            b = target.layers[layer].lora_B[ADAPTER].weight
+            cursor = 0
+            for at, down, up, scale in parts:
+                _zero(target.layers[layer], start, cursor, min(at, old))
+                r = down.shape[0]
+                a[start + at : start + at + r].copy_(down)
+                b[:, start + at : start + at + r].copy_(up * scale)  # the one place the scale is applied: one rounding
+                cursor = at + r
+            _zero(target.layers[layer], start, cursor, old)
+            written[layer] = cursor
+        region.loras = tuple((lora.digest, scale) for lora, scale in loras)
+        region.labels = tuple(lora.label for lora, _ in loras)
+        return len(stale) + len(pieces)
 
-    def _enable(self, model, enabled: bool) -> None:
-        if self._enabled[id(model)] == enabled:
+    def _enable(self, target: _Target, enabled: bool) -> None:
+        if target.enabled == enabled:
             return
-        for layer in self._layers[id(model)].values():
+        target.enabled = None  # unknown until every layer is switched
+        for layer in target.layers.values():
             layer.enable_adapters(enabled)
             if enabled:
                 layer.set_adapter([ADAPTER], inference_mode=True)
-        self._enabled[id(model)] = enabled
+        target.enabled = enabled
 
-    def _describe(self, transformer, main, lora_scale, extra, extra_scale) -> str:
-        index = next(i for i, t in enumerate(self.transformers) if t is transformer)
-        layers = self._layers[id(transformer)]
+    def _describe(self, target: _Target, wanted: dict[str, list[tuple[ParsedLora, float]]]) -> str:
+        index = next(i for i, t in enumerate(self.transformers) if t is target.model)
         parts = []
-        for name, lora, scale in (("main", main, lora_scale), ("extra", extra, extra_scale)):
-            if lora is None:
-                continue
-            total = len(lora.components["transformer"])
-            hit = sum(1 for m in lora.components["transformer"] if m in layers)
-            te = len(lora.components["text_encoder"]) if self.text_encoder is not None else 0
-            parts.append(
-                f"{name} {lora.label} at {scale:g} on {hit} of {total} transformer layers"
-                + (f" + {te} CLIP layers" if te else "")
-                + (f" ({len(lora.unmatched)} unmatched)" if lora.unmatched else "")
-            )
+        for region, loras in wanted.items():
+            for lora, scale in loras:
+                total = len(lora.components["transformer"])
+                hit = sum(1 for m in lora.components["transformer"] if m in target.layers)
+                te = len(lora.components["text_encoder"]) if self.text_encoder is not None else 0
+                parts.append(
+                    f"{region} {lora.label} at {scale:g} on {hit} of {total} transformer layers"
+                    + (f" + {te} CLIP layers" if te else "")
+                    + (f" ({len(lora.unmatched)} unmatched)" if lora.unmatched else "")
+                )
         return f"transformer {index}: " + ("; ".join(parts) or "no LoRA (base model)")
+
+
+def _check_rank(together: list[ParsedLora], limit: int, field: str, setting: str) -> None:
+    """The LoRAs of one region must fit its ranks together; a clear error says how much was asked."""
+    for lora in together:
+        if lora.rank > limit:
+            raise UserError(
+                f"LoRA {lora.label}: its rank is {lora.rank}, over this server's limit of {limit} ({setting})."
+            )
+    total = sum(x.rank for x in together)
+    if total > limit:
+        parts = ", ".join(f"{x.label} rank {x.rank}" for x in together)
+        raise UserError(
+            f"{field}: the LoRAs need {total} ranks together ({parts}), over the {limit} this server holds "
+            f"({setting}): use fewer or smaller ones."
+        )
+
+
+def _holds(region: _Region, loras: list[tuple[ParsedLora, float]]) -> bool:
+    return region.loras == tuple((lora.digest, scale) for lora, scale in loras)
+
+
+def _on(plan: dict[str, list]) -> bool:
+    """The adapter is on exactly when some region holds a LoRA."""
+    return any(plan[r] for r in REGIONS)
+
+
+def _zero(layer: torch.nn.Module, start: int, begin: int, end: int) -> None:
+    """Zero ranks [begin, end) of the region starting at `start` in one layer (nothing if empty)."""
+    if end > begin:
+        layer.lora_A[ADAPTER].weight[start + begin : start + end].zero_()
+        layer.lora_B[ADAPTER].weight[:, start + begin : start + end].zero_()

@@ -26,7 +26,6 @@ from diffusers import (
 
 logger = logging.getLogger(__name__)
 
-MODES = ("txt2img", "img2img", "inpaint")
 PIPELINE_CLASSES = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
 
 
@@ -34,7 +33,7 @@ PIPELINE_CLASSES = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "in
 class ModelTraits:
     """What a transformer's config says about how to run it."""
 
-    guidance: bool  # dev: guidance embedding; schnell: none
+    guidance: bool  # dev: guidance embedding (guidance_scale matters); schnell: none
     max_sequence_length: int  # T5 tokens: 512 for dev, 256 for schnell
     max_steps: int | None  # schnell is distilled for up to 4 steps
 

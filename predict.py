@@ -5,39 +5,54 @@ One prediction: inputs → checks → sizes → pipeline → LoRAs → generate 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import diffusers
+# No transformers or diffusers at import (nor pipelines, which imports diffusers' pipelines): Cog's
+# inspector would import all their submodules, and diffusers' imports warn before setup() has set up
+# logging (workarounds.configure_logging). setup() imports pipelines.
 import torch
-import transformers
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 
 import images
 import model_weights
+import workarounds
 from errors import UserError
-from images import ASPECT_RATIOS, InputDownloads, OutputWriter
+from images import ASPECT_RATIOS, OutputWriter
 from lora_loader import LoraManager
-from lora_sources import LoraCache
-from pipelines import FluxModels, ModelTraits, device_and_dtype
+from loras.cache import LoraCache, UserTokens
+from loras.sources import public_label, split_sources
 from safety import SafetyChecker
+
+if TYPE_CHECKING:
+    from pipelines import ModelTraits
 
 logger = logging.getLogger(__name__)
 
 SEED_MAX = 2**63  # torch.Generator takes signed and unsigned 64-bit seeds; we accept 0 ≤ seed+i < 2^63
+# Bounds on what one request's strings may cost before the model runs (tokenizing a 2 MB prompt took
+# 19 s, a 20 MB one 273 s): T5 reads 512 tokens, about 2,000 characters of English; CLIP 77 tokens.
+MAX_PROMPT_CHARS = 10_000
+MAX_SOURCE_CHARS = 16_384  # LoRA sources: a URL or a name, or a list of them
+MAX_TOKEN_CHARS = 1_024
 
 
 class Predictor(BaseRunner):
-    def setup(self) -> None:
-        limit_allocator_growth()
-        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(message)s", force=True)
-        diffusers.utils.logging.disable_progress_bar()  # progress bars would flood the prediction logs
-        transformers.utils.logging.disable_progress_bar()
+    def setup(self, weights: str | None = None) -> None:
+        """`weights`: the deployment's fine-tune, which Cog fills from COG_WEIGHTS (a Replicate trained
+        version's weights: any source `extra_lora` accepts); else `lora.safetensors` in the weights
+        tree; else plain FLUX."""
+        in_worker = workarounds.in_cog_worker()  # process-wide workarounds only there (workarounds.py)
+        if in_worker:
+            workarounds.limit_allocator_growth()
+        workarounds.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
         started = time.perf_counter()
+        from pipelines import FluxModels, device_and_dtype  # after configure_logging (workarounds.py)
+
         root = model_weights.weights_dir()
         device, dtype = device_and_dtype()
         self.models = FluxModels(
@@ -46,17 +61,19 @@ class Predictor(BaseRunner):
         self.safety = SafetyChecker.load(
             model_weights.ensure("safety-checker", root), model_weights.ensure("nsfw-detector", root), device, dtype
         )
-        self.loras = LoraManager.from_env(
-            list(self.models.transformers.values()),
-            self.models.text_encoder,
-            LoraCache.from_env(),
-            main=model_weights.main_lora(root),
-        )
+        cache = LoraCache.from_env()
+        with setup_errors("the main LoRA (COG_WEIGHTS)" if weights else "the main LoRA (weights/lora.safetensors)"):
+            main = cache.fetch(weights, operator=True) if weights else model_weights.main_lora(root)
+            label = public_label(weights) if weights else "lora.safetensors"
+            self.loras = LoraManager.from_env(
+                list(self.models.transformers.values()), self.models.text_encoder, cache, main=main, main_label=label
+            )
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
-        self.outputs = OutputWriter()
-        self.inputs = InputDownloads()
-        self.inputs.isolate()  # last: from here on Python's temp files go to this worker's folder
+        self.outputs = OutputWriter()  # its last folder goes when the process exits
+        self.inputs = workarounds.InputDownloads()
+        if in_worker:
+            self.inputs.isolate()  # last: from here on Python's temp files go to this worker's folder
         logger.info("setup done in %.1f s", time.perf_counter() - started)
 
     def compile(self, warmup_sizes: list[tuple[int, int]]) -> None:
@@ -70,7 +87,7 @@ class Predictor(BaseRunner):
             warmup_sizes=warmup_sizes,
             states=self.loras.compile_states,
             cache_dir=None if cache in ("", "0") else Path(cache),
-            cache_key_extra=f"LoRA adapter rank {self.loras.rank} (main {len(self.loras.regions['main'])})",
+            cache_key_extra=self.loras.adapter_shape,
         )
 
     def run(
@@ -167,105 +184,181 @@ class Predictor(BaseRunner):
             default=90,
         ),
         disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+        # Fields of ours, after the model page's 18.
+        replicate_weights: str | None = Input(
+            description="Replicate LoRA weights to use. Leave blank to use the default weights.", default=None
+        ),
+        hf_api_token: Secret | None = Input(
+            description="Your Hugging Face token, to use your own private or gated LoRAs. Sent only to Hugging "
+            "Face, never logged or stored; LoRAs fetched with it are cached for requests that bring it.",
+            default=None,
+        ),
+        civitai_api_token: Secret | None = Input(
+            description="Your CivitAI API token, for LoRAs that need a login. Sent only to CivitAI, never logged "
+            "or stored; LoRAs fetched with it are cached for requests that bring it.",
+            default=None,
+        ),
     ) -> list[Path]:
         with user_errors():
-            # 1. Check inputs and pick the mode and the pipeline.
+            # 1. Check inputs; pick the mode, the pipeline, the sizes and the seeds.
             self.inputs.sweep(keep=[image, mask])
-            seed = check_inputs(prompt, image, mask, seed, num_outputs)
-            mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
-            pipe, traits = self.models.get(model, mode), self.models.traits(model)
-            steps = capped_steps(num_inference_steps, traits, model)
+            traits = self.models.traits(model)
+            request = check_inputs(
+                prompt, image, mask, aspect_ratio, width, height, num_outputs, num_inference_steps, traits,
+                prompt_strength, seed, extra_lora, extra_lora_scale, replicate_weights, hf_api_token,
+                civitai_api_token,
+            )  # fmt: skip
+            pipe = self.models.get(model, request.mode)
 
-            # 2. Sizes and input images.
-            call = {}
-            if mode == "txt2img":
-                width, height = images.txt2img_size(aspect_ratio, width, height)
-            else:
-                logger.info("%s: aspect_ratio, width and height are ignored; the size follows the image", mode)
-                call["image"] = init_image = images.load_image(image)
-                width, height = init_image.size
-                call["strength"] = denoising_strength(prompt_strength, steps)
-            if mode == "inpaint":
-                call["mask_image"] = mask_image = images.load_mask(mask, init_image.size)
+            # 2. LoRAs: exactly the main one (or replicate_weights) at lora_scale plus the extra ones.
+            self.loras.apply(
+                pipe.transformer,
+                lora_scale,
+                extra_lora,
+                extra_lora_scale,
+                main=replicate_weights,
+                tokens=request.tokens,
+            )
 
-            # 3. LoRAs: exactly the main one at lora_scale plus the extra one, on this model.
-            self.loras.apply(pipe.transformer, lora_scale, extra_lora, extra_lora_scale)
-
-            # 4. Generate: one batch, output i from seed + i.
-            seeds = [seed + i for i in range(num_outputs)]
-            logger.info("%s %s %d×%d, %d steps, seeds %s", model, mode, width, height, steps, seeds)
+            # 3. Generate: one batch, output i from seed + i.
+            logger.info(
+                "%s %s %d×%d, %d steps, seeds %s", model, request.mode, *request.size, request.steps, request.seeds
+            )
             started = time.perf_counter()
             outputs = pipe(
                 prompt=prompt,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
+                width=request.size[0],
+                height=request.size[1],
+                num_inference_steps=request.steps,
                 guidance_scale=guidance_scale,
                 num_images_per_prompt=num_outputs,
                 max_sequence_length=traits.max_sequence_length,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                **call,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
+                **request.images,
             ).images
             logger.info("generated %d image(s) in %.2f s", len(outputs), time.perf_counter() - started)
-            if mode == "inpaint":
-                outputs = [images.keep_unmasked(out, init_image, mask_image) for out in outputs]
+            if request.mode == "inpaint":
+                outputs = [
+                    images.keep_unmasked(o, request.images["image"], request.images["mask_image"]) for o in outputs
+                ]
 
-            # 5. Safety, then encode.
+            # 4. Safety, then encode, each image with the parameters that made it.
             if disable_safety_checker:
                 logger.info("safety checker disabled")
+                kept = list(range(len(outputs)))
             else:
-                outputs = [outputs[i] for i in self.safety.filter(outputs)]
-            return [Path(p) for p in self.outputs.save(outputs, output_format, output_quality)]
+                kept = self.safety.filter(outputs)
+            applied = [lora for region in self.loras.state(pipe.transformer).values() for lora in region.loras]
+            parameters = [
+                images.generation_parameters(
+                    prompt,
+                    steps=request.steps,
+                    guidance=guidance_scale if traits.guidance else None,
+                    seed=request.seeds[i],
+                    size=request.size,
+                    model=model,
+                    loras=applied,
+                    strength=request.images.get("strength"),
+                )
+                for i in kept
+            ]
+            saved = self.outputs.save([outputs[i] for i in kept], output_format, output_quality, parameters)
+            return [Path(p) for p in saved]
 
 
-def check_inputs(prompt, image, mask, seed, num_outputs) -> int:
-    """Every check that needs more than the schema; returns the seed to use."""
+@dataclass(frozen=True)
+class Request:
+    """What run() needs from a request's inputs once they are checked."""
+
+    mode: str  # txt2img | img2img | inpaint
+    size: tuple[int, int]  # (width, height)
+    steps: int
+    seeds: list[int]  # one per output
+    images: dict = field(default_factory=dict)  # the pipeline's image / mask_image / strength arguments
+    tokens: UserTokens | None = None
+
+
+def check_inputs(
+    prompt: str,
+    image: Path | None,
+    mask: Path | None,
+    aspect_ratio: str,
+    width: int | None,
+    height: int | None,
+    num_outputs: int,
+    num_inference_steps: int,
+    traits: ModelTraits,
+    prompt_strength: float,
+    seed: int | None,
+    extra_lora: str | None,
+    extra_lora_scale: float,
+    replicate_weights: str | None,
+    hf_api_token: Secret | None,
+    civitai_api_token: Secret | None,
+) -> Request:
+    """Every check a request needs beyond the schema, in one place (UserError names the input), and
+    what the rest of run() derives from the inputs. Bounds keep any single request cheap before the
+    model runs: a prompt, a LoRA source and a token are bounded strings, images in pixels (images.py)."""
     if prompt is None or not prompt.strip():
         raise UserError("prompt is empty: describe the image you want.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(
+            f"prompt is {len(prompt):,} characters, over the {MAX_PROMPT_CHARS:,} accepted: FLUX reads only its "
+            "first 512 tokens (about 2,000 characters of English), so shorten it."
+        )
+    for name, text in (("extra_lora", extra_lora), ("replicate_weights", replicate_weights)):
+        if text is not None and len(text) > MAX_SOURCE_CHARS:
+            raise UserError(f"{name} is {len(text):,} characters, over the {MAX_SOURCE_CHARS:,} accepted.")
+    split_sources(extra_lora, extra_lora_scale)  # the list's syntax and scales, before any download
+    tokens = {}
+    for name, secret in (("hf_api_token", hf_api_token), ("civitai_api_token", civitai_api_token)):
+        value = (secret.get_secret_value() or "").strip() if secret is not None else ""
+        if len(value) > MAX_TOKEN_CHARS or any(c.isspace() or not c.isprintable() for c in value):
+            raise UserError(
+                f"{name} does not look like an API token (one line of at most {MAX_TOKEN_CHARS} characters)."
+            )
+        tokens[name] = value
     if mask is not None and image is None:
         raise UserError("mask was given without image: inpainting needs both, or drop the mask.")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "big")
         logger.info("no seed given: using random seed %d", seed)
     if not 0 <= seed <= SEED_MAX - num_outputs:
-        raise UserError(f"seed {seed} is out of range: use an integer from 0 to {SEED_MAX - 4}.")
-    return seed
-
-
-def capped_steps(steps: int, traits: ModelTraits, model: str) -> int:
+        raise UserError(
+            f"seed {seed} is out of range: with num_outputs={num_outputs} (seeds seed … seed+{num_outputs - 1}), "
+            f"use an integer from 0 to {SEED_MAX - num_outputs}."
+        )
+    steps = num_inference_steps
     if traits.max_steps is not None and steps > traits.max_steps:
         logger.info(
-            "%s runs at most %d steps: using %d instead of %d", model, traits.max_steps, traits.max_steps, steps
+            "this model runs at most %d steps: using %d instead of %d", traits.max_steps, traits.max_steps, steps
         )
-        return traits.max_steps
-    return steps
+        steps = traits.max_steps
+    call: dict = {}
+    if image is None:
+        mode, size = "txt2img", images.txt2img_size(aspect_ratio, width, height)
+    else:
+        mode = "inpaint" if mask is not None else "img2img"
+        logger.info("%s: aspect_ratio, width and height are ignored; the size follows the image", mode)
+        call["image"] = images.load_image(image)
+        size = call["image"].size
+        if mode == "inpaint":
+            call["mask_image"] = images.load_mask(mask, size)
+        if prompt_strength * steps < 1:
+            logger.info("prompt_strength %.3g with %d steps would run no step: running 1", prompt_strength, steps)
+            prompt_strength = 1 / steps
+        call["strength"] = prompt_strength
+    user_tokens = UserTokens(huggingface=tokens["hf_api_token"], civitai=tokens["civitai_api_token"])
+    return Request(mode, size, steps, [seed + i for i in range(num_outputs)], call, user_tokens)
 
 
-def denoising_strength(prompt_strength: float, steps: int) -> float:
-    """img2img/inpaint strength, raised if needed so that at least one denoising step runs."""
-    if prompt_strength * steps < 1:
-        logger.info("prompt_strength %.3g with %d steps would run no step: running 1", prompt_strength, steps)
-        return 1 / steps
-    return prompt_strength
-
-
-def limit_allocator_growth() -> None:
-    """Keep the worker's memory flat over thousands of predictions (process-wide, so in setup()).
-
-    Measured (tests/test_soak.py): with glibc's defaults the worker's RSS creeps up with every few
-    hundred predictions (614 → 684 MiB over 1,000) through allocator fragmentation; with two arenas
-    and blocks of 1 MiB or more mapped and trimmed straight back to the OS, it stays flat.
-    """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:  # not glibc (e.g. macOS): nothing to tune
-        return
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt"):
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_arena_max, 2)
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 20)
+@contextmanager
+def setup_errors(what: str):
+    """A setup step whose failure is the operator's to fix: one line in Cog's setup.logs."""
+    try:
+        yield
+    except UserError as error:
+        raise RuntimeError(f"{what} could not be loaded: {error}") from None
 
 
 @contextmanager

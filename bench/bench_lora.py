@@ -71,7 +71,7 @@ def _anchor_pipe(transformer):
 def switching(base, files: dict[str, Path], cache_dir: Path, *, switches: int = 10, rounds: int = 5) -> dict:
     """Requests alternating between two cached extra LoRAs (main LoRA on), ours vs the anchor."""
     from lora_loader import LoraManager
-    from lora_sources import LoraCache
+    from loras.cache import LoraCache
 
     ours = _shallow(base)
     manager = LoraManager([ours], None, LoraCache(cache_dir, 1 << 30), max_rank=128, main=files["main"])
@@ -132,7 +132,7 @@ def _two_adapters(model, manager, rank: int):
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
         inject_adapter_in_model(config, model, adapter_name=name)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    pairs = manager._main.components["transformer"]
+    pairs = manager.main.components["transformer"]
     with torch.no_grad():
         for name, layer in layers.items():
             for adapter in ("main", "extra"):
@@ -164,19 +164,23 @@ def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, 
     """One denoising step (one transformer call) with the rank-16 main LoRA as each design applies it."""
 
     from lora_loader import LoraManager
-    from lora_sources import LoraCache
+    from loras.cache import LoraCache
 
     models: dict[str, torch.nn.Module] = {"no adapters": base}
     keep = []
-    for rank in STEP_SLOT_RANKS:
+    # (LORA_MAX_RANK, LORA_MAX_MAIN_RANK): per-request fine-tunes off (main region = the main LoRA's
+    # rank), then on at the default, where the main region holds a rank-128 replicate_weights.
+    for rank, main_rank in [*((r, 0) for r in STEP_SLOT_RANKS), (128, 128)]:
         model = _shallow(base)
-        manager = LoraManager([model], None, LoraCache(cache_dir, 1 << 30), max_rank=rank, main=files["main"])
+        cache = LoraCache(cache_dir, 1 << 30)
+        manager = LoraManager([model], None, cache, max_rank=rank, main=files["main"], max_main_rank=main_rank)
         manager.apply(model, 1.0, None, 1.0)  # as predict does by default: main on, extra region empty
-        models[f"1 adapter r{manager.rank} (main {RANK} + extra {rank}, ours)"] = model
+        main = len(manager.regions["main"])
+        models[f"1 adapter r{manager.rank} (main {main} + extra {rank}, ours)"] = model
         keep.append(manager)
-    models["2 adapters r128 + r128 (the design before)"] = _two_adapters(_shallow(base), keep[-1], 128)
+    models["2 adapters r128 + r128 (the design before)"] = _two_adapters(_shallow(base), keep[-2], 128)
     fused = copy.deepcopy(base)  # its own weights: W + B·A for every layer of the LoRA
-    lora = keep[0]._main
+    lora = keep[0].main
     with torch.no_grad():
         layers = dict(fused.named_modules())
         for name, (down, up) in lora.components["transformer"].items():

@@ -435,7 +435,7 @@ class Bench:
         import tempfile
 
         from lora_loader import LoraManager
-        from lora_sources import LoraCache
+        from loras.cache import LoraCache
 
         args = self.args
         graphs = fast_path._compiled_graph_count

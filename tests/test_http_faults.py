@@ -4,13 +4,16 @@ no state behind: the next prediction gives the same bytes as before, the worker 
 and the server's temp folder holds what it held before.
 
 The server runs with its own TMPDIR (so its temp files can be counted), a LoRA cache of its own,
-LORA_ALLOW_PRIVATE_URLS=1 (LoRAs come from a local receiver) and tests/fault_inject on PYTHONPATH
-(FLUX_TEST_FAULTS=1: `output_quality: 1` raises inside the worker, standing in for a bug).
+and fault injection (FLUX_TEST_FAULTS=1, loaded by tests/offline/sitecustomize.py: `output_quality: 1`
+raises inside the worker, standing in for a bug). Its LoRAs come from a local receiver configured as the Replicate
+and CivitAI endpoints, the way a deployment trusts its own mirrors: the SSRF guard stays on, so a
+URL a user types to that same receiver (loopback) is refused, as a public deployment must.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import struct
@@ -20,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from PIL import Image
 
-import images
-from tests.cog_server import ROOT, CogServer, data_uri, decode_data_uri, png_bytes, report, scaled_lora
+from tests.cog_server import CogServer, data_uri, decode_data_uri, png_bytes, report, scaled_lora
 from tests.receivers import Receiver
 
 SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1}
@@ -32,12 +35,17 @@ REFERENCE = {"prompt": "an ascii art lighthouse", "seed": 42, **SMALL, "num_infe
 LONG = {"prompt": "a long one", "aspect_ratio": "custom", "width": 1440, "height": 1440, "num_inference_steps": 50}
 CANCEL_BOUND_S = 5.0  # cancel → READY; an uncancelled LONG prediction takes far longer (~15–40 s)
 LORA_TIMEOUT_S = 3
+EXTRA = "someone/extra"  # the extra LoRA, as a Replicate model served by the receiver
+HANGING_LORA = "https://civitai.com/api/download/models/1"  # CIVITAI_ENDPOINT is the receiver's /hang
 
 
 @pytest.fixture(scope="module")
 def rx(tiny_weights):
     with Receiver() as receiver:
-        receiver.lora_url = receiver.serve("extra.safetensors", scaled_lora(tiny_weights, 4.0))
+        receiver.serve(f"{EXTRA}/_weights", scaled_lora(tiny_weights, 4.0))  # as REPLICATE_ENDPOINT serves it
+        receiver.lora_url = EXTRA
+        for name, data in hostile_loras(tiny_weights).items():
+            receiver.serve(f"someone/{name}/_weights", data)
         yield receiver
 
 
@@ -48,9 +56,9 @@ def server(tiny_weights, rx, tmp_path_factory):
     env = {
         "TMPDIR": str(tmpdir),
         "LORA_CACHE_DIR": str(cache),
-        "LORA_ALLOW_PRIVATE_URLS": "1",
+        "REPLICATE_ENDPOINT": rx.url + "/files",  # owner/model → /files/owner/model/_weights
+        "CIVITAI_ENDPOINT": rx.url + "/hang",  # civitai.com/api/download/models/<v> → a server that hangs
         "LORA_DOWNLOAD_TIMEOUT": str(LORA_TIMEOUT_S),
-        "PYTHONPATH": str(ROOT / "tests" / "fault_inject"),
         "FLUX_TEST_FAULTS": "1",
     }
     with CogServer(tiny_weights, env=env) as cog:
@@ -180,10 +188,10 @@ def test_a_sync_client_hanging_up_cancels_its_prediction(server, baseline, reque
 
 def test_cancel_during_a_lora_download_leaves_no_partial_file(server, rx, baseline):
     rx.clear()
-    inputs = {**REFERENCE, "extra_lora": rx.url + "/hang/slow.safetensors?s=30"}
+    inputs = {**REFERENCE, "extra_lora": HANGING_LORA}
     assert server.predict_async("cancel-download", inputs, webhook=rx.webhook_url).status_code == 202
     deadline = time.monotonic() + 30
-    while ("GET", "/hang/slow.safetensors") not in rx.requests:
+    while ("GET", "/hang/api/download/models/1") not in rx.requests:
         assert time.monotonic() < deadline, rx.requests
         time.sleep(0.05)
     started = time.monotonic()
@@ -241,6 +249,8 @@ VALID = png_bytes((320, 320))
 IMAGE = data_uri(VALID)
 ERR_UNREADABLE = "image could not be read as an image"
 ERR_BIG = "megapixels accepted"
+LOCAL_REFUSED = "local paths are not accepted"
+SSRF = "Refusing to fetch"
 
 # name → (inputs, expectation): ("error", text in the one-line error) or ("image", (w, h))
 BATTERY = {
@@ -281,7 +291,9 @@ BATTERY = {
     "data uri, unknown encoding": ({"image": "data:image/png;utf-7,abc"}, ("any", None)),
     "unicode prompt": ({"prompt": "🦊 ascii キツネ — ثعلب \u200d\u0301 Ω≈ç√ \U0001f600" * 3}, ("image", (256, 256))),
     "nul and control characters": ({"prompt": "a\u0000cat\u0007\u001b[31m\r\n"}, ("image", (256, 256))),
-    "10,000-character prompt": ({"prompt": "ascii art cat, " * 667}, ("image", (256, 256))),
+    "10,000-character prompt": ({"prompt": ("ascii art cat, " * 667)[:10_000]}, ("image", (256, 256))),
+    "10,001-character prompt": ({"prompt": "x" * 10_001}, ("error", "over the 10,000 accepted")),
+    "2 MB prompt": ({"prompt": "ascii art cat, " * 140_000}, ("error", "over the 10,000 accepted")),
     "whitespace prompt": ({"prompt": " \t\n\u3000"}, ("error", "prompt is empty")),
     "steps at 1": ({"num_inference_steps": 1}, ("image", (256, 256))),
     "steps at 50": ({"num_inference_steps": 50}, ("image", (256, 256))),
@@ -294,11 +306,15 @@ BATTERY = {
     "seed 0": ({"seed": 0}, ("image", (256, 256))),
     "seed at the top": ({"seed": 2**63 - 4, "num_outputs": 2}, ("image", (256, 256))),
     "seed past the top": ({"seed": 2**63}, ("error", "is out of range")),
+    "seed past the top for 4 outputs": (
+        {"seed": 2**63 - 3, "num_outputs": 4},
+        ("error", f"with num_outputs=4 (seeds seed … seed+3), use an integer from 0 to {2**63 - 4}."),
+    ),
     "negative seed": ({"seed": -1}, ("error", "is out of range")),
     "jpg quality 0": ({"output_quality": 0, "output_format": "jpg"}, ("image", (256, 256))),
     "webp quality 100": ({"output_quality": 100, "output_format": "webp"}, ("image", (256, 256))),
     "lora scales at both bounds": (
-        {"lora_scale": -1, "extra_lora": "{rx}/files/extra.safetensors", "extra_lora_scale": 2},
+        {"lora_scale": -1, "extra_lora": EXTRA, "extra_lora_scale": 2},
         ("image", (256, 256)),
     ),
     "guidance and strength at 0": ({"guidance_scale": 0, "prompt_strength": 0, "image": IMAGE}, ("image", (320, 320))),
@@ -309,13 +325,62 @@ BATTERY = {
     ),
     "image url 404": ({"image": "{rx}/missing.png"}, ("error", "404")),
     "image url hangs": ({"image": "{rx}/hang/image.png?s=30"}, ("error", "Input validation error")),
-    "extra_lora 404": ({"extra_lora": "{rx}/files/nope.safetensors"}, ("error", "404")),
-    "extra_lora not a LoRA": ({"extra_lora": "{rx}/files/text.safetensors"}, ("error", "LoRA")),
+    "extra_lora 404": ({"extra_lora": "someone/nope"}, ("error", "404")),
+    "extra_lora not a LoRA": ({"extra_lora": "someone/text"}, ("error", "LoRA")),
     "extra_lora not a URL": ({"extra_lora": "not a lora at all"}, ("error", "LoRA")),
-    "extra_lora hangs": ({"extra_lora": "{rx}/hang/lora.safetensors?s=20"}, ("error", "LoRA")),
+    "extra_lora hangs": ({"extra_lora": HANGING_LORA}, ("error", "LoRA")),
+    "extra_lora 64 KB string": ({"extra_lora": "a/" + "b" * 65_536}, ("error", "extra_lora is 65,538 characters")),
+    "extra_lora list with a scale out of range": ({"extra_lora": f"{EXTRA}:0.5, {EXTRA}:3"}, ("error", ":3")),
+    # The server's own files: refused with one message, whether the path exists or not.
+    **{
+        f"extra_lora local {path}": ({"extra_lora": path}, ("error", LOCAL_REFUSED))
+        for path in (
+            "/etc/passwd",
+            "/nonexistent/x.safetensors",
+            "~/.ssh/id_rsa",
+            "../../etc/hosts",
+            "file:///etc/passwd",
+        )
+    },
+    # Server-side request forgery: the receiver is trusted as an endpoint, never as a user's URL.
+    "extra_lora to loopback": ({"extra_lora": "{rx}/files/someone/extra/_weights.safetensors"}, ("error", SSRF)),
+    "extra_lora to localhost": ({"extra_lora": "http://localhost:9/x.safetensors"}, ("error", SSRF)),
+    "extra_lora to cloud metadata": ({"extra_lora": "http://169.254.169.254/latest/x.safetensors"}, ("error", SSRF)),
+    "extra_lora to IPv4-mapped loopback": (
+        {"extra_lora": "http://[::ffff:127.0.0.1]:9/x.safetensors"},
+        ("error", SSRF),
+    ),
+    "extra_lora to NAT64 loopback": ({"extra_lora": "http://[64:ff9b::7f00:1]:9/x.safetensors"}, ("error", SSRF)),
+    "extra_lora to 6to4 private": ({"extra_lora": "http://[2002:c0a8:101::1]:9/x.safetensors"}, ("error", SSRF)),
+    # LoRA files that are not fully understood are refused, not applied in part.
+    "extra_lora with DoRA magnitudes": ({"extra_lora": "someone/dora"}, ("error", "DoRA")),
+    "extra_lora with NaN": ({"extra_lora": "someone/nan"}, ("error", "NaN")),
+    "extra_lora with a bad header": ({"extra_lora": "someone/overlap"}, ("error", "LoRA")),
+    "extra_lora with integer tensors": ({"extra_lora": "someone/int"}, ("error", "LoRA")),
+    # A user's token is never echoed, in the error or the logs.
+    "hf_api_token not echoed": (
+        {"extra_lora": "not a lora at all", "hf_api_token": "hf_SECRETSECRET"},
+        ("error", "LoRA"),
+    ),
 }
 # Hanging servers must fail in bounded time: coglet's own 10 s for inputs, LORA_DOWNLOAD_TIMEOUT for LoRAs.
-SLOW_BOUND_S = {"image url hangs": 20, "extra_lora hangs": LORA_TIMEOUT_S * 3 + 5}
+SLOW_BOUND_S = {"image url hangs": 20, "extra_lora hangs": LORA_TIMEOUT_S * 3 + 5, "2 MB prompt": 5}
+
+
+def hostile_loras(tree: Path) -> dict[str, bytes]:
+    """LoRA files a parser must refuse whole: DoRA magnitudes beside the pairs, NaN values, a header
+    whose offsets overlap, integer tensors."""
+    from safetensors.torch import load, save
+
+    good = load(scaled_lora(tree, 1.0))
+    name = next(k for k in good if k.endswith("lora_A.weight"))
+    dora = {**good, name.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(good[name].shape[1])}
+    nan = {**good, name: torch.full_like(good[name], float("nan"))}
+    ints = {k: v.to(torch.int32) for k, v in good.items()}
+    header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                         "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode()  # fmt: skip
+    overlap = struct.pack("<Q", len(header)) + header + bytes(24)
+    return {"dora": save(dora), "nan": save(nan), "int": save(ints), "overlap": overlap}
 
 
 # cog 0.23.1 (cog/types.py, URLPath.convert) creates the input's temp file, then downloads into it;
@@ -324,7 +389,7 @@ SLOW_BOUND_S = {"image url hangs": 20, "extra_lora hangs": LORA_TIMEOUT_S * 3 + 
 @pytest.mark.parametrize("case", list(BATTERY))
 def test_bad_input_battery(server, rx, baseline, case):
     inputs, (kind, want) = BATTERY[case]
-    rx.serve("text.safetensors", b"this is not a safetensors file at all" * 10)
+    rx.serve("someone/text/_weights", b"this is not a safetensors file at all" * 10)
     rx.serve("in.png", png_bytes((320, 320), color=(200, 40, 40)), "image/png")
     rx.serve("mask.png", png_bytes((320, 320), mode="L"), "image/png")  # grey: inpaint everything, softly
     inputs = {k: v.replace("{rx}", rx.url) if isinstance(v, str) else v for k, v in inputs.items()}
@@ -344,6 +409,7 @@ def test_bad_input_battery(server, rx, baseline, case):
     else:
         assert body["status"] in ("succeeded", "failed"), body
     assert took < SLOW_BOUND_S.get(case, 60), f"{case} took {took:.1f} s"
+    assert "SECRETSECRET" not in response.text and "SECRETSECRET" not in server.logs()
     server.wait_for("READY", timeout=30)
     assert server.worker().pid == server.worker_pid, "the worker died"
     if case.startswith("image url"):
@@ -357,4 +423,3 @@ def test_bad_input_battery(server, rx, baseline, case):
 
 def test_after_the_battery_nothing_has_changed(server, rx, baseline):
     assert_unharmed(server, baseline, rx)
-    assert images.MAX_INPUT_PIXELS == 64_000_000  # the figure the messages above quote

@@ -4,6 +4,7 @@ a real FluxPipeline on the tiny weights tree."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 import lora_loader
 from errors import UserError
 from lora_loader import LoraManager
-from lora_sources import LoraCache
+from loras.cache import LoraCache
+from loras.formats import parse_lora
 
 MAX_RANK = 8
 
@@ -67,6 +70,8 @@ def setup(tree, hub, tmp_path_factory):
         if k.endswith("lora_A.weight")
     }
     files = tmp_path_factory.mktemp("loras")
+    local_dir = pytest.MonkeyPatch()
+    local_dir.setenv("LORA_LOCAL_DIR", str(files))  # local paths in requests are read from here only
     extra = fx.bfl_family(pipe.transformer, style="kohya", clip=pipe.text_encoder, seed=3)
     hub.add("/extra/kohya.safetensors", extra.to_bytes())
     other = fx.diffusers_peft(pipe.transformer, seed=4)
@@ -86,6 +91,7 @@ def setup(tree, hub, tmp_path_factory):
         "tree": tree,
     }
     manager.reset()
+    local_dir.undo()
 
 
 def image(pipe, prompt="a cat", seed=0) -> np.ndarray:
@@ -112,12 +118,15 @@ def check(model, base, deltas: list[tuple[float, dict]], component: str = "trans
 
 
 def adapter_snapshot(manager) -> dict:
+    """Every adapter weight and on/off flag of every model the manager holds."""
     state = {}
-    for key, layers in manager._layers.items():
-        for name, layer in layers.items():
-            adapter = lora_loader.ADAPTER
-            state[(key, name, adapter)] = (layer.lora_A[adapter].weight.clone(), layer.lora_B[adapter].weight.clone())
-            state[(key, name, "enabled")] = not layer.disable_adapters
+    adapter = lora_loader.ADAPTER
+    for index, model in enumerate([*manager.transformers, manager.text_encoder]):
+        if model is None:
+            continue
+        for name, layer in manager.adapter_layers(model).items():
+            state[(index, name, adapter)] = (layer.lora_A[adapter].weight.clone(), layer.lora_B[adapter].weight.clone())
+            state[(index, name, "enabled")] = not layer.disable_adapters
     return state
 
 
@@ -182,12 +191,11 @@ def test_main_and_extra_add_both_deltas_including_clip(setup):
 
 def test_main_and_a_full_rank_extra_share_one_adapter_without_overlap(setup, hub):
     """One adapter per layer: the main LoRA's ranks (4, rounded up to 8) then LORA_MAX_RANK for the
-    extra. An extra at the full limit fills its region; both deltas still add exactly, and a new
-    main LoRA of a rank beyond its region is refused without touching anything."""
+    extra. An extra at the full limit fills its region; both deltas still add exactly."""
     s = setup
     m = s["manager"]
     assert m.rank == 8 + MAX_RANK and len(m.regions["main"]) == 8
-    layer = next(iter(m._layers[id(s["pipe"].transformer)].values()))
+    layer = next(iter(m.adapter_layers(s["pipe"].transformer).values()))
     assert layer.lora_A[lora_loader.ADAPTER].weight.shape[0] == m.rank and list(layer.lora_A) == [lora_loader.ADAPTER]
     full = fx.diffusers_peft(s["pipe"].transformer, rank=MAX_RANK, seed=11)
     hub.add("/extra/full.safetensors", full.to_bytes())
@@ -195,12 +203,6 @@ def test_main_and_a_full_rank_extra_share_one_adapter_without_overlap(setup, hub
     check(s["pipe"].transformer, s["base"]["dev"], [(0.5, s["main_delta"]), (1.5, full.deltas)])
     m.apply(s["pipe"].transformer, 0.5, s["extra_url"], 1.0)  # a lower-rank extra: the rest of the region is zeroed
     check(s["pipe"].transformer, s["base"]["dev"], [(0.5, s["main_delta"]), (1.0, s["extra"].deltas)])
-    before = adapter_snapshot(m)
-    bigger = s["files"] / "main_rank_16.safetensors"
-    bigger.write_bytes(fx.diffusers_peft(s["pipe"].transformer, rank=16, seed=12).to_bytes())
-    with pytest.raises(UserError, match="does not fit the main LoRA's 8 ranks"):
-        m.set_main(bigger)
-    assert same_state(before, adapter_snapshot(m))
     m.reset()
 
 
@@ -209,7 +211,11 @@ def test_main_lora_applies_to_schnell_too(setup):
     s["manager"].apply(s["schnell"], 1.0, None, 0.0)
     check(s["schnell"], s["base"]["schnell"], [(1.0, s["main_delta"])])
     check(s["pipe"].transformer, s["base"]["dev"], [])
-    assert all(layer.disable_adapters for layer in s["manager"]._layers[id(s["pipe"].transformer)].values())
+    assert all(layer.disable_adapters for layer in s["manager"].adapter_layers(s["pipe"].transformer).values())
+    assert {r: v.status for r, v in s["manager"].state(s["pipe"].transformer).items()} == {
+        "main": "clean",
+        "extra": "clean",
+    }
     s["manager"].reset()
 
 
@@ -224,8 +230,8 @@ def test_an_extra_identical_to_the_main_is_applied_once(setup):
 
 def test_without_a_main_lora(setup):
     s = setup
-    m = LoraManager([fx_transformer()], None, s["cache"], max_rank=MAX_RANK)
-    assert m.rank == MAX_RANK  # no ranks spent on a main region
+    m = LoraManager([fx_transformer()], None, s["cache"], max_rank=MAX_RANK, max_main_rank=0)
+    assert m.rank == MAX_RANK  # no ranks spent on a main region when there is no main LoRA to hold
     t = m.transformers[0]
     base = {n: w.double() for n, w in _base_weights(t).items()}
     m.apply(t, 1.0, s["other_url"], 0.5)
@@ -300,31 +306,120 @@ def test_a_failing_extra_lora_leaves_the_model_bit_for_bit(setup, hub):
     assert np.array_equal(image(s["pipe"]), base_image)
 
 
-def test_an_interrupted_apply_falls_back_to_the_exact_base(setup, monkeypatch):
+class Cancelled(BaseException):
+    """What coglet raises on a cancel is a BaseException too, and it can land at any line."""
+
+
+class CancelAtWrite(TorchFunctionMode):
+    """Raises Cancelled at the k-th in-place write (copy_ or zero_) to any tensor: a cancel landing
+    in the middle of the manager's writes. With k=None it only counts them."""
+
+    def __init__(self, k: int | None = None):
+        super().__init__()
+        self.k, self.writes = k, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.copy_, torch.Tensor.zero_):
+            self.writes += 1
+            if self.writes == self.k:
+                raise Cancelled
+        return func(*args, **(kwargs or {}))
+
+
+def _outputs(transformer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 16, 64, generator=g),
+            encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+            pooled_projections=torch.randn(1, 32, generator=g),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.zeros(16, 3),
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([3.5]),
+        ).sample
+
+
+@pytest.fixture(scope="module")
+def twin(setup, tree):
+    """A second pipeline with a manager of its own that is never interrupted: the reference."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tree / "FLUX.1-dev")
+    manager = LoraManager(
+        [pipe.transformer], pipe.text_encoder, setup["cache"], max_rank=MAX_RANK, main=tree / "lora.safetensors"
+    )
+    return pipe, manager
+
+
+def test_an_interrupted_apply_leaves_a_state_every_later_request_undoes(setup, twin):
+    """A cancel after the k-th write of a switch (main 1.0 + extra A → main 0.5 + extra B), in the
+    main region and in the extra one; then main-only, extra-only and scale-0 requests must each be
+    what a manager that was never interrupted computes, bit for bit (adapter weights and outputs)."""
     s = setup
-    m = s["manager"]
-    real_fill = m._fill
-    calls = []
-
-    class Cancelled(BaseException):  # what coglet raises on cancel is a BaseException too
-        pass
-
-    def failing_fill(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise Cancelled
-        return real_fill(*args)
-
-    monkeypatch.setattr(m, "_fill", failing_fill)
-    with pytest.raises(Cancelled):
-        m.apply(s["pipe"].transformer, 1.0, s["extra_url"], 1.0)
-    monkeypatch.undo()
-    check(s["pipe"].transformer, s["base"]["dev"], [])
-    check(s["pipe"].text_encoder, s["base"]["clip"], [], component="text_encoder")
-    assert np.array_equal(image(s["pipe"]), image(s["reference"]))
-    m.apply(s["pipe"].transformer, 1.0, s["extra_url"], 1.0)  # and the next request is whole
-    check(s["pipe"].transformer, s["base"]["dev"], [(1.0, s["main_delta"]), (1.0, s["extra"].deltas)])
+    m, t = s["manager"], s["pipe"].transformer
+    twin_pipe, twin_manager = twin
+    before, switch = (1.0, s["extra_url"], 1.0), (0.5, s["other_url"], 0.7)
+    m.apply(t, *before)
+    with CancelAtWrite() as counter:
+        m.apply(t, *switch)
+    main_layers = len(s["main_delta"])  # the main region is written first: 2 writes a layer
+    total = counter.writes
+    assert total > 2 * main_layers + 2
+    later = [(1.0, None, 0.0), (0.0, s["extra_url"], 0.6), (0.0, None, 0.0), (0.5, s["other_url"], 0.7)]
+    for k in sorted(
+        {1, 2, main_layers, 2 * main_layers - 1, 2 * main_layers + 1, (total + 2 * main_layers) // 2, total - 1}
+    ):
+        m.apply(t, *before)
+        with pytest.raises(Cancelled), CancelAtWrite(k):
+            m.apply(t, *switch)
+        for request in later:
+            m.apply(t, *request)
+            twin_manager.apply(twin_pipe.transformer, *request)
+            for name, layer in m.adapter_layers(t).items():
+                other = twin_manager.adapter_layers(twin_pipe.transformer)[name]
+                for part in ("lora_A", "lora_B"):
+                    assert torch.equal(
+                        getattr(layer, part)[lora_loader.ADAPTER].weight,
+                        getattr(other, part)[lora_loader.ADAPTER].weight,
+                    ), (k, request, name, part)
+                assert layer.disable_adapters == other.disable_adapters, (k, request, name)
+            assert torch.equal(_outputs(t), _outputs(twin_pipe.transformer)), (k, request)
     m.reset()
+    assert all(v.status == "clean" for v in m.state(t).values())
+
+
+def test_a_cancel_at_any_write_is_undone_to_the_exact_base(setup):
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    m.reset()
+    with CancelAtWrite() as counter:
+        m.apply(t, 1.0, s["extra_url"], 1.0)
+    for k in (1, counter.writes // 2, counter.writes):
+        m.reset()
+        with pytest.raises(Cancelled), CancelAtWrite(k):
+            m.apply(t, 1.0, s["extra_url"], 1.0)
+        check(t, s["base"]["dev"], [])
+        check(s["pipe"].text_encoder, s["base"]["clip"], [], component="text_encoder")
+    assert np.array_equal(image(s["pipe"]), image(s["reference"]))
+    m.apply(t, 1.0, s["extra_url"], 1.0)  # and the next request is whole
+    check(t, s["base"]["dev"], [(1.0, s["main_delta"]), (1.0, s["extra"].deltas)])
+    m.reset()
+
+
+def test_the_scale_is_rounded_once_in_bf16(setup, hub):
+    """s·B computed in float32 and rounded to the adapter's dtype once, not rounded, scaled, rounded."""
+    from diffusers import FluxTransformer2DModel
+
+    s = setup
+    bf16 = FluxTransformer2DModel.from_pretrained(s["tree"] / "FLUX.1-schnell" / "transformer", dtype=torch.bfloat16)
+    m = LoraManager([bf16], None, s["cache"], max_rank=MAX_RANK)
+    m.apply(bf16, 0.0, s["other_url"], 0.37)
+    pairs = parse_lora(s["cache"].fetch(s["other_url"]), "other", m.shapes, MAX_RANK).components["transformer"]
+    for name, (_, up) in pairs.items():
+        start = m.regions["extra"].start
+        b = m.adapter_layers(bf16)[name].lora_B[lora_loader.ADAPTER].weight[:, start : start + up.shape[1]]
+        assert torch.equal(b, (up * 0.37).to(torch.bfloat16)), name
 
 
 def _other_width_transformer():
@@ -336,29 +431,42 @@ def _other_width_transformer():
 # ---------------------------------------------------------------- reuse costs nothing
 
 
-def test_reuse_does_no_download_and_no_reload(setup, hub, monkeypatch):
+def test_reuse_does_no_download_no_parse_and_no_write(setup, hub, caplog):
     s = setup
     m, cache = s["manager"], s["cache"]
-    parses = []
-    real_parse = lora_loader.parse_lora
-    monkeypatch.setattr(lora_loader, "parse_lora", lambda *a, **k: parses.append(a[1]) or real_parse(*a, **k))
-    fills = []
-    real_fill = m._fill
-    monkeypatch.setattr(m, "_fill", lambda *a: fills.append(a) or real_fill(*a))
     m.reset()
     t = s["pipe"].transformer
+    caplog.set_level("INFO", logger="lora_loader")
     m.apply(t, 1.0, s["other_url"], 0.7)
-    downloads, hits = cache.downloads, hub.hits("/extra/other.safetensors")
-    n_fills = len(fills)
-    m.apply(t, 1.0, s["other_url"], 0.7)  # the same set: nothing at all
-    assert len(fills) == n_fills and cache.downloads == downloads
+    hits = hub.hits("/extra/other.safetensors")
+    with CancelAtWrite() as counter:
+        m.apply(t, 1.0, s["other_url"], 0.7)  # the same set: nothing at all
+    assert counter.writes == 0 and hub.hits("/extra/other.safetensors") == hits
+    caplog.clear()
     m.apply(t, 1.0, s["extra_url"], 0.7)
     m.apply(t, 1.0, s["other_url"], 0.7)  # back to a LoRA in the caches: no download, no parse
     assert hub.hits("/extra/other.safetensors") == hits
-    assert parses.count(parses[0]) == 1 if parses else True
-    assert len(parses) <= 2  # each extra parsed at most once, ever
+    assert not [r for r in caplog.records if "parsed" in r.getMessage() and "from memory" not in r.getMessage()]
     check(t, s["base"]["dev"], [(1.0, s["main_delta"]), (0.7, _deltas(cache.fetch(s["other_url"])))])
     m.reset()
+
+
+def test_an_edited_file_is_read_again(setup, monkeypatch, tmp_path):
+    """The in-memory parsed LoRA is keyed by the file's identity including its mtime."""
+    s = setup
+    monkeypatch.setenv("LORA_LOCAL_DIR", str(tmp_path))
+    path = tmp_path / "edited.safetensors"
+    t = s["pipe"].transformer
+    first = fx.diffusers_peft(t, seed=21)
+    first.write(path)
+    s["manager"].apply(t, 0.0, str(path), 1.0)
+    check(t, s["base"]["dev"], [(1.0, first.deltas)])
+    second = fx.diffusers_peft(t, seed=22)
+    second.write(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    s["manager"].apply(t, 0.0, str(path), 1.0)
+    check(t, s["base"]["dev"], [(1.0, second.deltas)])
+    s["manager"].reset()
 
 
 def _deltas(path):
@@ -377,7 +485,9 @@ def test_parsed_loras_in_memory_are_bounded(setup):
     t = m.transformers[0]
     m.apply(t, 0.0, s["other_url"], 1.0)
     m.apply(t, 0.0, s["extra_url"], 1.0)
-    assert len(m._memory) == 1  # the newest stays, older ones go once over the bound
+    assert len(m.in_memory) == 1 and m.in_memory[0].endswith(
+        "kohya.safetensors"
+    )  # the newest stays, older ones go once over the bound
 
 
 def test_every_source_kind_applies_the_same_delta(setup, hub):
@@ -410,19 +520,91 @@ def test_every_source_kind_applies_the_same_delta(setup, hub):
 def test_compile_states_cover_adapters_on_and_off_without_a_main_lora(setup):
     """setup()'s GPU warm-up walks these states; with no main LoRA, "on" must still be reached, or
     the first request with an extra LoRA would compile on the user's time."""
-    s = setup
-    manager, transformer = s["manager"], s["pipe"].transformer
-    expected = image(s["reference"])
-    manager.set_main(None)
-    try:
-        active = []
-        for _ in manager.compile_states(transformer):
-            from peft.tuners.tuners_utils import BaseTunerLayer
+    from diffusers import FluxPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-            layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-            active.append({not layer.disable_adapters for layer in layers})
-            assert np.array_equal(image(s["pipe"]), expected)  # the adapter is empty: the base model either way
-        assert active == [{True}, {False}]
-        assert np.array_equal(image(s["pipe"]), expected)
-    finally:
-        manager.set_main(s["tree"] / "lora.safetensors")
+    s = setup
+    pipe = FluxPipeline.from_pretrained(s["tree"] / "FLUX.1-dev")
+    manager = LoraManager([pipe.transformer], pipe.text_encoder, s["cache"], max_rank=MAX_RANK)
+    expected = image(s["reference"])
+    active = []
+    for _ in manager.compile_states(pipe.transformer):
+        layers = [m for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        active.append({not layer.disable_adapters for layer in layers})
+        assert np.array_equal(image(pipe), expected)  # the adapter is empty: the base model either way
+    assert active == [{True}, {False}]
+    assert np.array_equal(image(pipe), expected)
+
+
+# ---------------------------------------------------------------- many fine-tunes: replicate_weights, lists
+
+
+def test_several_extras_add_exactly_in_any_order(setup, hub):
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    second, third = (fx.diffusers_peft(t, rank=2, seed=seed) for seed in (30, 31))
+    hub.add("/extra/second.safetensors", second.to_bytes())
+    hub.add("/extra/third.safetensors", third.to_bytes())
+    second_url, third_url = f"{hub.url}/extra/second.safetensors", f"{hub.url}/extra/third.safetensors"
+    listing = f"{s['extra_url']}:0.5, {second_url}:-0.3\n{third_url}"  # kohya + CLIP, and two diffusers files
+    m.apply(t, 1.0, listing, 0.8)
+    deltas = [(1.0, s["main_delta"]), (0.5, s["extra"].deltas), (-0.3, second.deltas), (0.8, third.deltas)]
+    check(t, s["base"]["dev"], deltas)
+    check(s["pipe"].text_encoder, s["base"]["clip"], [(0.5, s["extra"].deltas)], component="text_encoder")
+    assert [scale for _, scale in m.state(t)["extra"].loras] == [0.5, -0.3, 0.8]
+    forward = image(s["pipe"])
+    m.apply(t, 1.0, f"{third_url}, {second_url}:-0.3, {s['extra_url']}:0.5", 0.8)  # reordered
+    assert np.abs(image(s["pipe"]) - forward).max() < 1e-5
+    m.reset()
+
+
+def test_an_entry_at_scale_zero_is_absent_and_an_entry_scale_equals_extra_lora_scale(setup):
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    m.apply(t, 1.0, s["other_url"], 0.6)
+    alone, weights = image(s["pipe"]), adapter_snapshot(m)
+    m.apply(t, 1.0, f"{s['extra_url']}:0, {s['other_url']}", 0.6)
+    assert np.array_equal(image(s["pipe"]), alone) and same_state(adapter_snapshot(m), weights)
+    m.apply(t, 1.0, f"{s['other_url']}:0.6", 0.1)
+    assert np.array_equal(image(s["pipe"]), alone) and same_state(adapter_snapshot(m), weights)
+    m.reset()
+
+
+def test_extras_share_the_extra_region_and_more_is_refused_whole(setup, hub):
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    half = fx.diffusers_peft(t, rank=MAX_RANK // 2 + 1, seed=32)
+    hub.add("/extra/half.safetensors", half.to_bytes())
+    url = f"{hub.url}/extra/half.safetensors"
+    m.apply(t, 1.0, s["extra_url"], 1.0)
+    before = adapter_snapshot(m)
+    with pytest.raises(UserError, match=rf"need {2 * (MAX_RANK // 2 + 1)} ranks together .* over the {MAX_RANK}"):
+        m.apply(t, 1.0, f"{url}, {url}:0.5", 1.0)
+    assert same_state(adapter_snapshot(m), before)
+    with pytest.raises(UserError, match="no/such"):  # a failing entry names itself; nothing is touched
+        m.apply(t, 1.0, f"{s['other_url']}, {hub.url}/no/such.safetensors", 1.0)
+    assert same_state(adapter_snapshot(m), before)
+    m.reset()
+
+
+def test_a_per_request_fine_tune_replaces_the_main_lora_and_back_bit_for_bit(setup, hub):
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    tune = fx.diffusers_peft(t, rank=MAX_RANK, seed=33)  # as large as the main region holds
+    hub.add("/tunes/a.safetensors", tune.to_bytes())
+    m.apply(t, 0.9, s["other_url"], 0.5)
+    own, weights = image(s["pipe"]), adapter_snapshot(m)
+    m.apply(t, 0.9, s["other_url"], 0.5, main=f"{hub.url}/tunes/a.safetensors")
+    other = _deltas(s["cache"].fetch(s["other_url"]))
+    check(t, s["base"]["dev"], [(0.9, tune.deltas), (0.5, other)])
+    assert m.state(t)["main"].loras[0][0].endswith("a.safetensors")
+    m.apply(t, 0.9, s["other_url"], 0.5)  # without it: the deployment's own main LoRA again
+    assert np.array_equal(image(s["pipe"]), own) and same_state(adapter_snapshot(m), weights)
+    too_big = fx.diffusers_peft(t, rank=MAX_RANK + 1, seed=34)
+    hub.add("/tunes/big.safetensors", too_big.to_bytes())
+    with pytest.raises(
+        UserError, match=rf"rank is {MAX_RANK + 1}, over this server's limit of 8 \(LORA_MAX_MAIN_RANK\)"
+    ):
+        m.apply(t, 0.9, None, 0.0, main=f"{hub.url}/tunes/big.safetensors")
+    assert same_state(adapter_snapshot(m), weights)
+    m.reset()

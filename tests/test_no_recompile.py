@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 from pathlib import Path
 
 import lora_fixtures as fx
@@ -43,10 +42,11 @@ def compiled(tiny_weights, tmp_path_factory):
         mp.setenv("LORA_MAX_RANK", str(MAX_RANK))
         mp.setenv("LORA_CACHE_DIR", str(tmp_path_factory.mktemp("lora-cache")))
         mp.setenv("FLUX_COMPILE_CACHE", str(tmp_path_factory.mktemp("compile-cache")))
+        files = tmp_path_factory.mktemp("loras")
+        mp.setenv("LORA_LOCAL_DIR", str(files))  # the LoRA files below are named by local path
         # fast_path sets these process-wide; put them back afterwards for the other tests.
         mp.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
         mp.setattr(fast_path, "COMPILE_VAE_DECODER", False)  # not what this test is about; saves time
-        mp.setattr(tempfile, "tempdir", tempfile.tempdir)  # setup() points it at the worker's input folder
         torch._dynamo.reset()
         runner = predict.Predictor()
         runner.setup()  # on a CPU: loads, injects the LoRA adapter with the main LoRA's region; compiles nothing
@@ -63,7 +63,6 @@ def compiled(tiny_weights, tmp_path_factory):
         def run(**inputs):
             return runner.run(**check_input(fields, {"prompt": "an ascii cat", "seed": 1, **inputs}))
 
-        files = tmp_path_factory.mktemp("loras")
         dev = runner.models.transformers["dev"]
         clip = runner.models.text_encoder
         # Ranks 1..MAX_RANK, four formats, different target sets (all layers, attention only,
@@ -115,6 +114,11 @@ def test_lora_swaps_across_requests_never_recompile(compiled, caplog):
         {"extra_lora": loras["xlabs-r1"], "width": 384, "height": 256},  # another size
         {},  # main LoRA only, default scale
         {"model": "schnell", "lora_scale": 0, "extra_lora": loras["comfyui-r12"], "extra_lora_scale": -1},
+        # Per-request fine-tunes (replicate_weights, in the main region) and lists of extras.
+        {"replicate_weights": loras["comfyui-r12"], "extra_lora": loras["diffusers-r4"]},
+        {"replicate_weights": loras["kohya-r16-clip"], "model": "schnell", "lora_scale": -0.5},
+        {"extra_lora": f"{loras['bfl-r8-no-linear1']}:0.5, {loras['diffusers-r4']}:-1\n{loras['xlabs-r1']}"},
+        {"extra_lora": f"{loras['diffusers-r2-attn']}, {loras['clip-only-r4']}:0.7", "num_outputs": 2},
         {"extra_lora": loras["kohya-r16-clip"]},  # back to the first: same output as the first time
     ]
     before = graphs()
@@ -148,7 +152,7 @@ def test_compiled_output_matches_eager_after_swaps(compiled):
 def test_rank_above_the_extra_region_is_refused_without_touching_the_compiled_model(compiled, tmp_path):
     run, runner, loras = compiled
     too_big = fx.diffusers_peft(runner.models.transformers["dev"], rank=MAX_RANK + 1, seed=18)
-    path = too_big.write(Path(tmp_path) / "big.safetensors")
+    path = too_big.write(Path(loras["diffusers-r4"]).parent / "big.safetensors")  # in LORA_LOCAL_DIR
     before = graphs()
     with torch._dynamo.config.patch(error_on_recompile=True):
         with pytest.raises(UserError, match="LORA_MAX_RANK"):
@@ -164,7 +168,7 @@ def test_the_harness_catches_a_recompile(compiled):
     from lora_loader import ADAPTER
 
     run, runner, _ = compiled
-    layers = runner.loras._layers[id(runner.models.transformers["dev"])].values()
+    layers = runner.loras.adapter_layers(runner.models.transformers["dev"]).values()
     runner.loras.apply(runner.models.transformers["dev"], 1.0, None, 1.0)  # adapter on
     try:
         for layer in layers:
