@@ -1,7 +1,7 @@
 """`make bench`: the CPU benchmark suite. Prints one table of ratios (each measured side by side in
 this run) with absolute times, and writes everything to bench/results/latest.json.
 
-    .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup] [--out PATH]
+    .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup,cluster] [--out PATH]
 
 What the figures mean: bench/README.md. GPU figures: bench/GPU.md (bench/gpu_bench.py).
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402  (also puts the project root on sys.path)
 
 logger = logging.getLogger("bench")
-SECTIONS = ("serving", "lora", "setup")
+SECTIONS = ("serving", "lora", "setup", "cluster")
 
 
 def _quiet() -> None:
@@ -119,6 +119,33 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
         for part, seconds in st["breakdown"].items():
             if part != "total":
                 rows.append((f"   setup: {part}", "", "", f"{seconds:.3f} s"))
+    c = results.get("cluster")
+    if c and "ratios" in c:
+        a, m, p = c["affinity"], c["ray_multiplex"], c["plain"]
+        where = f"{c['replicas']} replicas, Zipf over {c['loras']} LoRAs, {a['requests']} requests"
+        rows += [
+            (
+                f"5. LoRA loads per 100 requests, plain / affinity ({where})",
+                f"{c['ratios']['loads plain / affinity']:.1f}×",
+                "≥ 3×",
+                f"{a['parses_per_100']:.1f} vs {p['parses_per_100']:.1f} "
+                f"(Ray's multiplexing: {m['parses_per_100']:.1f})",
+            ),
+            (
+                "   … LoRA downloads per 100 requests",
+                f"{c['ratios']['downloads plain / affinity']:.1f}×",
+                "",
+                f"{a['downloads_per_100']:.1f} vs {p['downloads_per_100']:.1f} "
+                f"(Ray's multiplexing: {m['downloads_per_100']:.1f})",
+            ),
+            (
+                "   … p95 latency, affinity / plain",
+                f"{c['ratios']['p95 affinity / plain']:.2f}",
+                "< 1",
+                f"p95 {a['p95_s']:.2f} vs {p['p95_s']:.2f} s (Ray's multiplexing {m['p95_s']:.2f}); "
+                f"p50 {a['p50_s']:.2f} vs {p['p50_s']:.2f} s ({m['p50_s']:.2f})",
+            ),
+        ]
     return rows
 
 
@@ -174,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 import bench_setup
 
                 results["setup"] = bench_setup.run(tree, rounds=2 if args.quick else 3)
+            elif section == "cluster":
+                import bench_cluster
+
+                results["cluster"] = bench_cluster.run(tree, quick=args.quick)
             else:
                 parser.error(f"unknown section {section!r}")
             results.setdefault("section_seconds", {})[section] = time.perf_counter() - section_start
