@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -39,7 +40,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,24 +69,15 @@ FP8_MIN_CAPABILITY = (8, 9)
 _BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
 
-def optimize_pipeline(pipe, *, fp8: bool = False, compile: bool = True) -> None:
-    """Speed up a bf16 FluxPipeline on CUDA in place; a logged no-op anywhere else.
+def optimize_pipeline(pipe, *, fp8: bool = False) -> None:
+    """Speed up a bf16 FluxPipeline on CUDA in place (setup() calls it on CUDA only).
 
     Lossless by default: the fastest attention kernel available, and torch.compile of the
     transformer's repeated blocks and of the (channels_last) VAE decoder. `fp8=True` also
     quantizes the blocks' Linear weights and activations to float8 (torchao, compute capability
-    >= 8.9); that changes the images slightly and is opt-in only. Compilation itself happens on the first call
-    of the pipeline: run `warmup` right after this.
+    >= 8.9); that changes the images slightly and is opt-in only. Compilation itself happens on the
+    first call of the pipeline: run `warmup` right after this.
     """
-    device = next(pipe.transformer.parameters()).device
-    if device.type != "cuda":
-        logger.info("fast path skipped: transformer is on %s, not CUDA", device)
-        return
-    _optimize(pipe, fp8=fp8, compile=compile)
-
-
-def _optimize(pipe, *, fp8: bool, compile: bool) -> None:
-    """optimize_pipeline without the CUDA check (the benchmark's CPU self-test calls it)."""
     transformer = pipe.transformer
     device = next(transformer.parameters()).device
     enabled = []
@@ -106,19 +97,18 @@ def _optimize(pipe, *, fp8: bool, compile: bool) -> None:
         else:
             logger.warning("fp8 requested but not enabled: %s", reason)
 
-    if compile:
-        # Give every dynamic size its own symbol. By default equal sizes seen at the first compile
-        # share one ("duck shaping"): a square warm-up then specialises the VAE to square images,
-        # and every other aspect ratio recompiles it. (Process-wide, and only set when compiling.)
-        import torch.fx.experimental._config as fx_config
+    # Give every dynamic size its own symbol. By default equal sizes seen at the first compile
+    # share one ("duck shaping"): a square warm-up then specialises the VAE to square images, and
+    # every other aspect ratio recompiles it. (Process-wide, and only set when compiling.)
+    import torch.fx.experimental._config as fx_config
 
-        fx_config.use_duck_shape = False
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=DYNAMIC_SHAPES)
-        enabled.append(f"compiled repeated blocks (dynamic={DYNAMIC_SHAPES})")
-        if COMPILE_VAE_DECODER:
-            pipe.vae.to(memory_format=torch.channels_last)
-            pipe.vae.decoder.compile(dynamic=DYNAMIC_SHAPES)
-            enabled.append("compiled channels_last vae decoder")
+    fx_config.use_duck_shape = False
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=DYNAMIC_SHAPES)
+    enabled.append(f"compiled repeated blocks (dynamic={DYNAMIC_SHAPES})")
+    if COMPILE_VAE_DECODER:
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.vae.decoder.compile(dynamic=DYNAMIC_SHAPES)
+        enabled.append("compiled channels_last vae decoder")
 
     logger.info("fast path: %s", ", ".join(enabled))
 
@@ -182,34 +172,37 @@ def warmup(pipe, sizes: list[tuple[int, int]], steps: int = 2, batch_sizes: tupl
 # ---------------------------------------------------------------- compile cache across restarts
 
 
-@dataclass
-class CompileCacheStats:
-    """What `compile_cache` did, for logs and tests: artifact kind → count."""
-
-    path: Path
-    loaded: dict[str, int] = field(default_factory=dict)  # read from the file on entry
-    hits: dict[str, int] = field(default_factory=dict)  # compiled graphs found in a cache, in the block
-    misses: dict[str, int] = field(default_factory=dict)  # compiled graphs built from scratch, in the block
-    saved_bytes: int | None = None  # written on exit (None: nothing written)
-
-
-# torch's counters of its two compiled-graph caches: kind → (counter group, hit counter, miss counter).
-_CACHE_COUNTERS = {
-    "inductor": ("inductor", "fxgraph_cache_hit", "fxgraph_cache_miss"),
-    "aot_autograd": ("aot_autograd", "autograd_cache_hit", "autograd_cache_miss"),
-}
-
-
-def compile_cache_key(device: torch.device | str, fp8: bool, extra: str = "") -> str:
-    """A file name (no extension) for the compile cache of this software, GPU and configuration.
+def compile_cache_key(
+    device: torch.device | str,
+    fp8: bool,
+    *,
+    warmup_sizes: list[tuple[int, int]] = (),
+    transformers: dict[str, torch.nn.Module] | None = None,
+    adapter: str = "",
+) -> str:
+    """A file name (no extension) for the compile cache of this software, GPU and configuration: the
+    one place its key is built.
 
     Readable head (torch version, `sm90` or `cpu`, `fp8`/`bf16`) and a hash of everything that
     shapes the compiled graphs: torch, CUDA, triton, diffusers, peft and torchao versions, the
-    GPU's name and compute capability, this module's compile settings, and `extra` (the caller's
-    part: the LoRA adapter's rank, warm-up sizes, model configs). Torch keys each cached graph by its own
-    content as well, so a stale entry is a cache miss, never a wrong graph; the key keeps one file
-    per configuration so that configurations do not overwrite each other's graphs.
+    GPU's name and compute capability, this module's compile settings, the warm-up sizes, the
+    transformers' architectures (their configs) and `adapter` (the LoRA adapter's shape,
+    `LoraManager.adapter_shape`). Torch keys each cached graph by its own content as well, so a
+    stale entry is a cache miss, never a wrong graph; the key keeps one file per configuration so
+    that configurations do not overwrite each other's graphs.
     """
+    # The architecture only: diffusers' own config entries ("_name_or_path", ...) start with "_".
+    configs = {
+        name: {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        for name, transformer in (transformers or {}).items()
+    }
+    extra = "\n".join(
+        [
+            adapter,
+            f"warmup_sizes={list(warmup_sizes)}",
+            f"transformers={json.dumps(configs, sort_keys=True, default=str)}",
+        ]
+    )
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -226,7 +219,7 @@ def compile_cache_key(device: torch.device | str, fp8: bool, extra: str = "") ->
 
 
 @contextmanager
-def compile_cache(directory: Path | str, key: str) -> Iterator[CompileCacheStats]:
+def compile_cache(directory: Path | str, key: str) -> Iterator[None]:
     """Keep what torch.compile builds inside the block in `<directory>/<key>.bin` across restarts.
 
     On entry, loads that file if there is one (PyTorch's "Mega-Cache",
@@ -238,29 +231,18 @@ def compile_cache(directory: Path | str, key: str) -> Iterator[CompileCacheStats
     or found in this process (`torch.compiler.save_cache_artifacts`) to the file, atomically (a
     temporary file in the same directory, then os.replace), unless all of it came from the file
     already; a directory that cannot be written is a warning. After an exception nothing is
-    saved. Logs what was loaded, the cache hits and misses of the block, and what was saved;
-    yields the same figures as a `CompileCacheStats`.
+    saved. What was loaded and saved is logged.
 
     `pipelines.FluxModels.optimize(cache_dir=...)` puts its compile and warm-up in this; the
     predictor wires it (a directory in the weights tree, switched off by FLUX_COMPILE_CACHE=0).
     """
     path = Path(directory) / f"{key}.bin"
-    stats = CompileCacheStats(path=path)
-    loaded = _load_cache(path, stats)
-    before = _cache_counts()
-    yield stats
-    after = _cache_counts()
-    for kind, (hits, misses) in after.items():
-        stats.hits[kind] = hits - before[kind][0]
-        stats.misses[kind] = misses - before[kind][1]
-    logger.info(
-        "compile cache: %s",
-        ", ".join(f"{kind} graphs {stats.hits[kind]} from cache, {stats.misses[kind]} built" for kind in after),
-    )
-    _save_cache(path, loaded, stats)
+    loaded = _load_cache(path)
+    yield
+    _save_cache(path, loaded)
 
 
-def _load_cache(path: Path, stats: CompileCacheStats) -> set[tuple[str, str]]:
+def _load_cache(path: Path) -> set[tuple[str, str]]:
     """Load `path` into torch's caches; returns the (kind, key) of each artifact loaded."""
     try:
         data = path.read_bytes()
@@ -278,17 +260,16 @@ def _load_cache(path: Path, stats: CompileCacheStats) -> set[tuple[str, str]]:
     if info is None:
         logger.warning("compile cache: %s is not a readable cache file; compiling from scratch", path)
         return set()
-    stats.loaded = {kind: len(keys) for kind, keys in info.artifacts.items()}
     logger.info(
         "compile cache: loaded %s from %s (%.1f MB)",
-        ", ".join(f"{n} {kind}" for kind, n in stats.loaded.items()) or "nothing",
+        ", ".join(f"{len(keys)} {kind}" for kind, keys in info.artifacts.items()) or "nothing",
         path,
         len(data) / 1e6,
     )
     return _artifact_keys(info)
 
 
-def _save_cache(path: Path, loaded: set[tuple[str, str]], stats: CompileCacheStats) -> None:
+def _save_cache(path: Path, loaded: set[tuple[str, str]]) -> None:
     try:
         saved = torch.compiler.save_cache_artifacts()  # (bytes, CacheInfo), None if nothing was compiled
     except Exception as error:  # noqa: BLE001 - the cache must never fail setup
@@ -315,7 +296,6 @@ def _save_cache(path: Path, loaded: set[tuple[str, str]], stats: CompileCacheSta
         if temporary is not None:
             temporary.unlink(missing_ok=True)
         return
-    stats.saved_bytes = len(data)
     logger.info(
         "compile cache: saved %s (%.1f MB) to %s",
         ", ".join(f"{len(keys)} {kind}" for kind, keys in info.artifacts.items()),
@@ -327,12 +307,6 @@ def _save_cache(path: Path, loaded: set[tuple[str, str]], stats: CompileCacheSta
 def _artifact_keys(info) -> set[tuple[str, str]]:
     """(kind, key) of each artifact a torch.compiler CacheInfo lists."""
     return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
-
-
-def _cache_counts() -> dict[str, tuple[int, int]]:
-    from torch._dynamo.utils import counters
-
-    return {kind: (counters[group][hit], counters[group][miss]) for kind, (group, hit, miss) in _CACHE_COUNTERS.items()}
 
 
 def _version(distribution: str) -> str:

@@ -9,7 +9,6 @@ is read from its config (`guidance_embeds`), never from a name.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -94,7 +93,7 @@ class FluxModels:
         warmup_sizes: list[tuple[int, int]],
         states,
         cache_dir: Path | None = None,
-        cache_key_extra: str = "",
+        adapter_shape: str = "",
     ) -> None:
         """The GPU fast path (fast_path.py) for both models: compile, attention backend, opt-in fp8,
         then a warm-up so compilation happens here and not on the first request. `states(transformer)`
@@ -104,26 +103,16 @@ class FluxModels:
         `cache_dir` (None: no persistence): all of it runs inside `fast_path.compile_cache`, so a
         restart loads the compiled graphs the previous start saved there instead of rebuilding
         them. The file's key (`fast_path.compile_cache_key`) covers torch, the GPU, fp8, the warm-up
-        sizes, the transformers' configs and `cache_key_extra`, in which the caller puts whatever
-        else shapes the graphs (the LoRA adapter's rank). The predictor wires both (a folder in the
-        weights tree; FLUX_COMPILE_CACHE=0 switches it off)."""
+        sizes, the transformers' configs and `adapter_shape` (`LoraManager.adapter_shape`). The
+        predictor wires both (a folder in the weights tree; FLUX_COMPILE_CACHE=0 switches it off)."""
         import fast_path
 
         cache = contextlib.nullcontext()
         if cache_dir is not None:
-            # The architecture only: diffusers' own entries ("_name_or_path", ...) start with "_".
-            configs = {
-                model: {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-                for model, transformer in self.transformers.items()
-            }
-            extra = "\n".join(
-                [
-                    cache_key_extra,
-                    f"warmup_sizes={list(warmup_sizes)}",
-                    f"transformers={json.dumps(configs, sort_keys=True, default=str)}",
-                ]
+            key = fast_path.compile_cache_key(
+                self.device, fp8, warmup_sizes=warmup_sizes, transformers=self.transformers, adapter=adapter_shape
             )
-            cache = fast_path.compile_cache(cache_dir, fast_path.compile_cache_key(self.device, fp8, extra))
+            cache = fast_path.compile_cache(cache_dir, key)
         with cache:
             for model, transformer in self.transformers.items():
                 pipe = self.get(model, "txt2img")

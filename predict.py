@@ -87,7 +87,7 @@ class Predictor(BaseRunner):
             warmup_sizes=warmup_sizes,
             states=self.loras.compile_states,
             cache_dir=None if cache in ("", "0") else Path(cache),
-            cache_key_extra=self.loras.adapter_shape,
+            adapter_shape=self.loras.adapter_shape,
         )
 
     def run(

@@ -534,7 +534,7 @@ class Bench:
         manager.reset()
         self.reset_peak()
         t0 = time.perf_counter()
-        fast_path._optimize(pipe, fp8=fp8, compile=True)
+        fast_path.optimize_pipeline(pipe, fp8=fp8)
         optimize_s = time.perf_counter() - t0
         # Warm-up as pipelines.FluxModels.optimize does it: once per adapter state (on, then off).
         g0 = graphs()

@@ -72,20 +72,6 @@ def test_import_has_no_side_effects():
     assert result.stdout == ""
 
 
-def test_optimize_pipeline_is_a_logged_no_op_on_cpu(caplog):
-    pipe = tiny_pipe()
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="fast_path"):
-        fast_path.optimize_pipeline(pipe, fp8=True, compile=True)
-    assert "fast path skipped" in caplog.text
-    # nothing compiled, quantized or converted
-    for module in list(pipe.transformer.modules()) + [pipe.vae.decoder]:
-        assert getattr(module, "_compiled_call_impl", None) is None
-    after = pipe.transformer.state_dict()
-    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
-    assert pipe.vae.decoder.conv_in.weight.is_contiguous()  # not channels_last
-
-
 def test_warmup_runs_without_text_encoders(caplog):
     # The benchmark's pipelines have no text encoders: warmup makes random embeddings of the
     # transformer's shapes. (On CPU nothing is compiled; this checks the calls are right.)

@@ -51,11 +51,10 @@ def compiled(tiny_weights, tmp_path_factory):
         runner = predict.Predictor()
         runner.setup()  # on a CPU: loads, injects the LoRA adapter with the main LoRA's region; compiles nothing
 
-        # setup()'s GPU branch, on the CPU: fast_path's own _optimize, with the eager backend.
+        # setup()'s GPU branch, on the CPU: fast_path.optimize_pipeline, with the eager backend.
         for transformer in runner.models.transformers.values():
             eager = functools.partial(type(transformer).compile_repeated_blocks, transformer, backend="eager")
             mp.setattr(transformer, "compile_repeated_blocks", eager, raising=False)
-        mp.setattr(fast_path, "optimize_pipeline", lambda pipe, fp8: fast_path._optimize(pipe, fp8=fp8, compile=True))
         mp.delenv("FLUX_FP8", raising=False)
         runner.compile(warmup_sizes=[(256, 256)])  # exactly setup()'s GPU branch, at one small size
         fields = create_predictor("predict", "Predictor").inputs
