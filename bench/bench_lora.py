@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def switching(base, files: dict[str, Path], cache_dir: Path, *, switches: int = 
     from lora_loader import LoraManager
     from loras.cache import LoraCache
 
+    os.environ["LORA_LOCAL_DIR"] = str(files["kohya"].parent)  # the extras are named by path, as a user's would be
     ours = _shallow(base)
     manager = LoraManager([ours], None, LoraCache(cache_dir, 1 << 30), max_rank=128, main=files["main"])
     extras = [str(files["kohya"]), str(files["diffusers"])]

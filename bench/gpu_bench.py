@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -444,6 +445,7 @@ class Bench:
         pipe, info = self.make_pipe(kind)
         with tempfile.TemporaryDirectory(prefix="gpu_bench_loras_") as tmp:
             directory = Path(tmp)
+            os.environ["LORA_LOCAL_DIR"] = str(directory)  # the extras are named by path, as a user's would be
             # The deployment's main LoRA (rank 16) and two extra LoRAs, as files like a user's.
             t0 = time.perf_counter()
             main = self.write_lora(directory, "main_r16", pipe.transformer, 16, seed=1)
