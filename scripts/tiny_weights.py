@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="where to write the weights tree")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import workarounds
+
+    workarounds.configure_logging("INFO")  # our lines only: no library warnings, no progress bars
     build(args.dir)
     return 0
 
