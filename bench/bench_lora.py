@@ -172,7 +172,7 @@ def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, 
     keep = []
     # (LORA_MAX_RANK, LORA_MAX_MAIN_RANK): per-request fine-tunes off (main region = the main LoRA's
     # rank), then on at the default, where the main region holds a rank-128 replicate_weights.
-    for rank, main_rank in [*((r, 0) for r in STEP_SLOT_RANKS), (128, 128)]:
+    for rank, main_rank in [*((r, 0) for r in STEP_SLOT_RANKS), (128, 32), (128, 128)]:
         model = _shallow(base)
         cache = LoraCache(cache_dir, 1 << 30)
         manager = LoraManager([model], None, cache, max_rank=rank, main=files["main"], max_main_rank=main_rank)
