@@ -1,4 +1,10 @@
-"""1. Serving overhead: a full Predictor.run against the bare diffusers call + saving the same file.
+"""1. Serving overhead.
+
+`run_http` (the headline, as users compare): our Cog server over real HTTP against a bare diffusers
+FluxPipeline + PIL save in a default process of its own (bench/bare_pipeline.py).
+
+`run` (in-process): a full Predictor.run against the bare diffusers call + saving the same file, both
+in this process (so they share its allocator and environment).
 
 Both sides use the same tiny weights, size, steps, seed, prompt and output format; runs are
 interleaved (A B C D, A B C D, …) and each figure is the median of the per-round ratios.
@@ -6,12 +12,21 @@ interleaved (A B C D, A B C D, …) and each figure is the median of the per-rou
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import requests
 import torch
-from common import interleaved, median, paired_ratio
+from common import interleaved, median, paired_ratio, timed
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +102,176 @@ def run(tree: Path, *, size: int = 1024, steps: int = 4, rounds: int = 3) -> dic
             "predict_no_lora_no_safety / bare": paired_ratio(times["predict_no_lora_no_safety"], times["bare"]),
         },
     }
+
+
+# ---------------------------------------------------------------- over real HTTP, as users compare
+
+BARE_SCRIPT = Path(__file__).resolve().parent / "bare_pipeline.py"
+STAGE_LINES = {
+    "generate_s": re.compile(r"generated \d+ image\(s\) in ([\d.]+) s"),
+    "lora_apply_s": re.compile(r"LoRA applied in ([\d.]+) ms"),  # converted to seconds below
+}
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A default user's environment: PATH, HOME, offline hub; nothing of ours (LOG_LEVEL, LD_PRELOAD…)."""
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+    return {**env, "HF_HUB_OFFLINE": "1", **(extra or {})}
+
+
+class BareProcess:
+    """bench/bare_pipeline.py in its own process, started with `clean_env()`; one request at a time."""
+
+    def __init__(self, tree: Path, *, env: dict[str, str] | None = None, mallopt: bool = False):
+        args = [sys.executable, str(BARE_SCRIPT), str(tree), *(["--mallopt"] if mallopt else [])]
+        self.process = subprocess.Popen(
+            args, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, cwd=tempfile.gettempdir(),
+        )  # fmt: skip
+        if json.loads(self.process.stdout.readline()).get("ready") is not True:
+            raise RuntimeError("bare pipeline process did not start")
+
+    def __call__(self, size: int, steps: int = 4, seed: int = 1) -> dict:
+        self.process.stdin.write(f"{size} {size} {steps} {seed}\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class HttpServer:
+    """`python -m cog.server.http` as `make serve` starts it (tests' CogServer, without the tests'
+    offline guard on PYTHONPATH), the predictor logging at INFO so that its per-stage timings come
+    back in each response's `logs`. `env` adds to (or, with a value of None, removes from) its env."""
+
+    def __init__(self, tree: Path, *, env: dict[str, str | None] | None = None, pythonpath: str = ""):
+        from cog_server import CogServer
+
+        self.server = CogServer(tree, env={"LOG_LEVEL": "INFO"})
+        self.server.env["PYTHONPATH"] = pythonpath
+        for key, value in (env or {}).items():
+            if value is None:
+                self.server.env.pop(key, None)
+            else:
+                self.server.env[key] = value
+        self.server.__enter__()
+        self.server.wait_for("READY", timeout=300)
+        self.session = requests.Session()
+
+    def __call__(self, size: int, steps: int = 4, seed: int = 1) -> dict:
+        body = {"input": {**http_inputs(size, steps), "seed": seed}}
+        for _ in range(100):  # Cog's brief 409 right after the previous answer (FACTS.md): not timed
+            started = time.perf_counter()
+            response = self.session.post(self.server.url + "/predictions", json=body, timeout=600)
+            if response.status_code != 409:
+                break
+            time.sleep(0.02)
+        payload = response.json()
+        total = time.perf_counter() - started
+        if payload.get("status") != "succeeded":
+            raise RuntimeError(f"prediction failed: {payload.get('error')}")
+        answer = {
+            "total_s": total,
+            "predict_s": (payload.get("metrics") or {}).get("predict_time"),
+            "response_bytes": len(response.content),
+            "output_bytes": sum(len(base64.b64decode(uri.split(",", 1)[1])) for uri in payload["output"]),
+        }
+        logs = payload.get("logs") or ""
+        for key, pattern in STAGE_LINES.items():
+            found = pattern.findall(logs)
+            if found:
+                value = float(found[-1])
+                answer[key] = value / 1000 if key == "lora_apply_s" else value
+        return answer
+
+    def worker_rss_mib(self) -> float:
+        return self.server.worker().memory_info().rss / 2**20
+
+    def close(self) -> None:
+        self.session.close()
+        self.server.__exit__(None, None, None)
+
+
+def http_inputs(size: int, steps: int) -> dict:
+    return {
+        "prompt": PROMPT,
+        "aspect_ratio": "custom",
+        "width": size,
+        "height": size,
+        "num_inference_steps": steps,
+        "output_format": "png",
+        "lora_scale": 0,
+        "disable_safety_checker": True,
+    }
+
+
+def interleaved_calls(cases: dict[str, Callable[[], dict]], rounds: int, warmup: int = 1) -> dict[str, list[dict]]:
+    """Each case once per round in turn (A B C, A B C…) after `warmup` untimed rounds; its answers."""
+    for _ in range(warmup):
+        for call in cases.values():
+            call()
+    answers: dict[str, list[dict]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, call in cases.items():
+            answers[name].append(call())
+    return answers
+
+
+def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4, rounds: int = 5) -> dict:
+    """Figure 1 as users compare: our server over real HTTP vs a bare FluxPipeline + PIL save in a
+    default process of its own, interleaved, lora_scale=0, no safety checker, png, seed 1."""
+    server = HttpServer(tree)
+    bare = BareProcess(tree)
+    try:
+        results: dict = {"steps": steps, "rounds": rounds, "sizes": {}}
+        for size in sizes:
+            answers = interleaved_calls(
+                {"http": lambda s=size: server(s, steps), "bare": lambda s=size: bare(s, steps)}, rounds=rounds
+            )
+            http, base = answers["http"], answers["bare"]
+            seconds = {
+                "http": median([a["total_s"] for a in http]),
+                "bare": median([a["total_s"] for a in base]),
+            }
+            # Where the HTTP time goes: predict (Cog's predict_time: our predict()) split by our own log
+            # lines into pipeline ("generated … in"), LoRA apply ("LoRA applied in") and the rest (input
+            # checks, png save); and Cog's part outside predict (HTTP, input validation, the output's
+            # data-URI encoding, IPC). Seconds, medians over the rounds.
+            stages = {
+                "round_trip": seconds["http"],
+                "predict": median([a["predict_s"] for a in http]),
+                "pipeline": median([a["generate_s"] for a in http]),
+                "lora_apply": median([a.get("lora_apply_s", 0.0) for a in http]),
+                "predict_rest": median([a["predict_s"] - a["generate_s"] - a.get("lora_apply_s", 0.0) for a in http]),
+                "cog_outside_predict": median([a["total_s"] - a["predict_s"] for a in http]),
+                "bare_pipeline": median([a["pipe_s"] for a in base]),
+                "bare_save": median([a["save_s"] for a in base]),
+            }
+            results["sizes"][str(size)] = {
+                "seconds": seconds,
+                "ratio http / bare": paired_ratio([a["total_s"] for a in http], [a["total_s"] for a in base]),
+                "ratio pipeline: ours / bare": paired_ratio(
+                    [a["generate_s"] for a in http], [a["pipe_s"] for a in base]
+                ),
+                "stages_s": stages,
+                "png_bytes": http[-1]["output_bytes"],
+                "response_bytes": http[-1]["response_bytes"],
+                "base64_encode_s": _base64_cost(http[-1]["output_bytes"]),
+                "raw": answers,
+            }
+        return results
+    finally:
+        server.close()
+        bare.close()
+
+
+def _base64_cost(nbytes: int) -> float:
+    """What base64-encoding an output of that size costs in Python (a lower bound for Cog's data URI)."""
+    data = os.urandom(nbytes)
+    return min(timed(lambda: "data:image/png;base64," + base64.b64encode(data).decode()) for _ in range(5))

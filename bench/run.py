@@ -1,7 +1,9 @@
 """`make bench`: the CPU benchmark suite. Prints one table of ratios (each measured side by side in
 this run) with absolute times, and writes everything to bench/results/latest.json.
 
-    .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup,cluster] [--out PATH]
+    .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup,cluster,allocator] [--out PATH]
+
+`allocator` (≈ 4 min) is not in the default set: `--only allocator` runs it.
 
 What the figures mean: bench/README.md. GPU figures: bench/GPU.md (bench/gpu_bench.py).
 """
@@ -24,6 +26,7 @@ from common import ROOT  # noqa: E402  (also puts the project root on sys.path)
 
 logger = logging.getLogger("bench")
 SECTIONS = ("serving", "lora", "setup", "cluster")
+EXTRA_SECTIONS = ("allocator",)  # on request only (--only allocator)
 
 
 def _quiet() -> None:
@@ -46,13 +49,44 @@ def _quiet() -> None:
 def _rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(figure, ratio, target, absolute times) rows of the table."""
     rows = []
+    h = results.get("serving_http")
+    if h:
+        for size, fig in h["sizes"].items():
+            t, st = fig["seconds"], fig["stages_s"]
+            rows.append(
+                (
+                    f"1. HTTP (cog server) / bare FluxPipeline+save, own process ({size}², {h['steps']} steps, "
+                    "png, lora_scale=0, no safety)",
+                    f"{fig['ratio http / bare']:.3f}",
+                    "≤ 1.05" if size == "1024" else "",
+                    f"{t['http']:.3f} s vs {t['bare']:.3f} s",
+                )
+            )
+            rows.append(
+                (
+                    "   … pipeline only: our 'generated … in' / bare pipe()",
+                    f"{fig['ratio pipeline: ours / bare']:.3f}",
+                    "",
+                    f"{st['pipeline']:.3f} s vs {st['bare_pipeline']:.3f} s",
+                )
+            )
+            rows.append(
+                (
+                    "   … where the HTTP time goes",
+                    "",
+                    "",
+                    f"predict {st['predict']:.3f} s (pipeline {st['pipeline']:.3f}, rest {st['predict_rest']:.3f}); "
+                    f"Cog outside predict {st['cog_outside_predict']:.3f} s; bare png save {st['bare_save']:.3f} s; "
+                    f"base64 of {fig['png_bytes'] / 1e6:.2f} MB {fig['base64_encode_s'] * 1e3:.1f} ms",
+                )
+            )
     s = results.get("serving")
     if s:
         t = s["seconds"]
         where = f"{s['size']}², {s['steps']} steps"
         rows += [
             (
-                f"1. predict / bare pipeline+save ({where})",
+                f"1b. in-process: Predictor.run / bare pipeline+save, same process ({where})",
                 f"{s['ratios']['predict / bare']:.3f}",
                 "≤ 1.05",
                 f"{t['predict']:.2f} s vs {t['bare']:.2f} s",
@@ -146,6 +180,19 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
                 f"p50 {a['p50_s']:.2f} vs {p['p50_s']:.2f} s ({m['p50_s']:.2f})",
             ),
         ]
+    a = results.get("allocator")
+    if a:
+        for name, v in a["variants"].items():
+            rows.append(
+                (
+                    f"A. allocator {name}: HTTP / HTTP today, bare / bare glibc defaults ({a['size']}²)",
+                    f"{v['http / http mallopt (today)']:.3f} / {v['bare / bare glibc defaults']:.3f}",
+                    "",
+                    f"HTTP {v['http_s']:.2f} s, bare {v['bare_s']:.2f} s; worker RSS "
+                    f"{v['worker_rss_start_mib']:.0f} → {v['worker_rss_end_mib']:.0f} MiB over {a['soak']} "
+                    f"× {a['soak_size']}² ({v['soak_s'] * 1e3:.0f} ms each)",
+                )
+            )
     return rows
 
 
@@ -162,7 +209,7 @@ def _print_table(rows) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS + EXTRA_SECTIONS}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -192,7 +239,14 @@ def main(argv: list[str] | None = None) -> int:
             if section == "serving":
                 import bench_serving
 
+                results["serving_http"] = bench_serving.run_http(tree, rounds=3 if args.quick else 7)
                 results["serving"] = bench_serving.run(tree, rounds=2 if args.quick else 3)
+            elif section == "allocator":
+                import bench_allocator
+
+                results["allocator"] = bench_allocator.run(
+                    tree, rounds=2 if args.quick else 5, soak=50 if args.quick else 200
+                )
             elif section == "lora":
                 import bench_lora
 
