@@ -217,14 +217,3 @@ def _embedded(text: str, output_format: str) -> dict:
     exif = Image.Exif()
     exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
     return {"exif": exif.tobytes()}
-
-
-def read_parameters(path: str | Path) -> str | None:
-    """The generation parameters embedded in an output image (for tests and tools), or None."""
-    with Image.open(path) as image:
-        if "parameters" in image.info:
-            return image.info["parameters"]
-        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-    if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
-        return comment[8:].decode("utf-16-be")
-    return comment

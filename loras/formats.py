@@ -555,38 +555,6 @@ def _validate(label, digest, pairs, unmatched, shapes, max_rank) -> ParsedLora:
     return ParsedLora(label, digest, applied, sorted(set(unmatched)), rank, sum(storages.values()))
 
 
-def convert_bfl_family(
-    state_dict: dict[str, torch.Tensor], shapes: Shapes
-) -> tuple[dict[str, Pair], dict[str, torch.Tensor], list[str]]:
-    """The BFL-named part of `state_dict` (sd-scripts `lora_unet_double_blocks_…`, ComfyUI's
-    `diffusion_model.…`, BFL-native `…qkv.lora_A.weight`, XLabs) converted to canonical pairs.
-
-    Returns (pairs keyed "transformer.<module>", the other tensors, the BFL layers this model lacks)."""
-    names = _Names(shapes)
-    bfl, rest = {}, {}
-    for key, tensor in state_dict.items():
-        found = _key_part(key, names)
-        (bfl if found and found[0].bfl else rest)[key] = tensor
-    layers, _ = _read_layers(bfl, names)
-    pairs: dict[str, Pair] = {}
-    unmatched: list[str] = []
-    for layer in layers.values():
-        parts = layer.keys
-        if "lora_A" not in parts or "lora_B" not in parts:
-            continue
-        if layer.targets is None:
-            unmatched.append(layer.name)
-            continue
-        alpha = _alpha_value(parts["alpha"], bfl[parts["alpha"]]) if "alpha" in parts else None
-        down, up = _fold_alpha(bfl[parts["lora_A"]], bfl[parts["lora_B"]], alpha)
-        widths = [names.transformer[t][0] for t in layer.targets]
-        for target, (a, b) in zip(layer.targets, _split_rows(down, up, widths), strict=True):
-            if layer.swap:
-                b = torch.cat(b.chunk(2, dim=0)[::-1])
-            pairs[f"transformer.{target}"] = (a.contiguous(), b.contiguous())
-    return pairs, rest, unmatched
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import images
 from tests.cog_server import CogServer, decode_data_uri, scaled_lora
 from tests.receivers import Receiver
 
@@ -55,6 +54,18 @@ def picture(server, **inputs) -> list[bytes]:
     body = server.predict({**SMALL, **inputs}).json()
     assert body["status"] == "succeeded", body
     return [decode_data_uri(uri)[1] for uri in body["output"]]
+
+
+def read_parameters(path) -> str | None:
+    """The generation parameters in an output, read as A1111 and CivitAI read them: a PNG text chunk
+    named "parameters", else the EXIF UserComment ("UNICODE\\0" + UTF-16, as piexif writes it)."""
+    with Image.open(path) as image:
+        if "parameters" in image.info:
+            return image.info["parameters"]
+        comment = image.getexif().get_ifd(0x8769).get(0x9286)  # the Exif IFD, UserComment
+    if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
+        return comment[8:].decode("utf-16-be")
+    return comment
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -112,7 +123,7 @@ def test_every_output_carries_its_generation_data(server, fmt, tmp_path):
     for index, data in enumerate(outputs):
         path = tmp_path / f"out{index}.{fmt}"
         path.write_bytes(data)
-        text = images.read_parameters(path)
+        text = read_parameters(path)
         prompt, line = text.split("\n")
         assert prompt == SMALL["prompt"]
         assert f"Seed: {77 + index}," in line and "Steps: 2," in line and "Size: 256x256" in line

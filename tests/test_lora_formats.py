@@ -137,22 +137,21 @@ def test_kohya_linear1_splits_by_the_models_width(tiny, tmp_path):
 
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    with pytest.raises(AssertionError):  # the library falls short here: why convert_bfl_family exists
+    with pytest.raises(AssertionError):  # the library falls short here: why loras/formats.py converts BFL names itself
         _convert_kohya_flux_lora_to_diffusers(dict(lora.tensors))
 
 
-def test_our_bfl_converter_agrees_with_diffusers_where_diffusers_works(tiny):
+def test_our_bfl_converter_agrees_with_diffusers_where_diffusers_works(tiny, tmp_path):
     """Without linear1 and the top-level layers (which diffusers drops: test_lora_oracle), diffusers' kohya
     converter works at any width: both must give the same ΔW."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    from loras.formats import convert_bfl_family
-
     manager, dev, *_ = tiny
     lora = fx.bfl_family(dev, style="kohya", single_linear1=False, alpha=4.0)
     lora.tensors = {k: v for k, v in lora.tensors.items() if "_blocks_" in k}
-    ours, rest, _ = convert_bfl_family(dict(lora.tensors), manager.shapes)
-    assert not rest
+    parsed = _parse(tiny, tmp_path, dict(lora.tensors), max_rank=32)
+    ours = parsed.pairs
+    assert parsed.applied["transformer"] == len(lora.tensors)  # every tensor of the file used
     theirs = _convert_kohya_flux_lora_to_diffusers(dict(lora.tensors))
     names = {k.rsplit(".lora_", 1)[0] for k in theirs}
     assert names == set(ours)
