@@ -56,8 +56,13 @@ def _inject_adapter(model: torch.nn.Module, rank: int) -> dict[str, torch.nn.Mod
     with torch.no_grad():
         for layer in layers.values():
             base = layer.get_base_layer().weight
-            for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
-                module.to_empty(device=base.device).to(base.dtype).weight.zero_()
+            layer.lora_A[ADAPTER].to_empty(device=base.device).to(base.dtype).weight.zero_()
+            # B [out, rank] is stored column-major (a transposed [rank, out] tensor): a LoRA's ranks
+            # are then one contiguous block, so a switch writes B like A, one plain copy, instead of
+            # `out` short strided rows. The matmul reads it as a transposed operand (no copy).
+            up = layer.lora_B[ADAPTER]
+            column_major = torch.zeros(rank, up.out_features, dtype=base.dtype, device=base.device).t()
+            up.weight = torch.nn.Parameter(column_major, requires_grad=False)
             if layer.scaling[ADAPTER] != 1.0:
                 raise RuntimeError(f"PEFT scales the adapter by {layer.scaling[ADAPTER]}, expected 1")
             layer.set_adapter([ADAPTER], inference_mode=True)
@@ -102,6 +107,11 @@ class _Target:
     layers: dict[str, torch.nn.Module]
     regions: dict[str, _Region]
     enabled: bool | None = False
+    # name → the adapter's (A [rank, in], B [out, rank]) weights of that layer, looked up once.
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(init=False)
+
+    def __post_init__(self):
+        self.weights = {n: (m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight) for n, m in self.layers.items()}
 
 
 @dataclass(frozen=True)
@@ -252,7 +262,7 @@ class LoraManager:
             logger.info("LoRA: same set as the previous request, nothing to do")
             return
         # 2. Write, undoing everything on any interruption.
-        changed = 0
+        changed, writing = 0, time.monotonic()
         try:
             for t, want in plan:
                 for region in REGIONS:
@@ -261,10 +271,12 @@ class LoraManager:
         except BaseException:
             self.reset()
             raise
+        done = time.monotonic()
         logger.info(
-            "LoRA applied in %.1f ms (%d layers rewritten): %s",
-            (time.monotonic() - start) * 1000,
+            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms): %s",
+            (done - start) * 1000,
             changed,
+            (done - writing) * 1000,
             self._describe(target, wanted),
         )
 
@@ -361,22 +373,23 @@ class LoraManager:
         region.loras = None  # dirty from here until the end
         stale = [layer for layer in written if layer not in pieces]
         for layer in stale:
-            _zero(target.layers[layer], start, 0, written[layer])
+            _zero(*target.weights[layer], start, start + written[layer])
             del written[layer]
         for layer, parts in pieces.items():
-            old = written.get(layer, 0)
-            written[layer] = max(old, parts[-1][0] + parts[-1][1].shape[0])
-            a = target.layers[layer].lora_A[ADAPTER].weight
-            b = target.layers[layer].lora_B[ADAPTER].weight
-            cursor = 0
+            old = start + written.get(layer, 0)  # ranks [start, old) may be non-zero
+            written[layer] = max(written.get(layer, 0), parts[-1][0] + parts[-1][1].shape[0])
+            a, b = target.weights[layer]
+            cursor = start
             for at, down, up, scale in parts:
-                _zero(target.layers[layer], start, cursor, min(at, old))
-                r = down.shape[0]
-                a[start + at : start + at + r].copy_(down)
-                b[:, start + at : start + at + r].copy_(up * scale)  # the one place the scale is applied: one rounding
-                cursor = at + r
-            _zero(target.layers[layer], start, cursor, old)
-            written[layer] = cursor
+                at += start
+                _zero(a, b, cursor, min(at, old))
+                cursor = at + down.shape[0]
+                a[at:cursor].copy_(down)
+                # The one place the scale is applied (one rounding), in the same pass as the copy:
+                # no temporary (which, with the worker's 1 MiB mmap threshold, costs a fresh mapping).
+                torch.mul(up, scale, out=b[:, at:cursor])
+            _zero(a, b, cursor, old)
+            written[layer] = cursor - start
         region.loras = tuple((lora.digest, scale) for lora, scale in loras)
         region.labels = tuple(lora.label for lora, _ in loras)
         return len(stale) + len(pieces)
@@ -432,8 +445,8 @@ def _on(plan: dict[str, list]) -> bool:
     return any(plan[r] for r in REGIONS)
 
 
-def _zero(layer: torch.nn.Module, start: int, begin: int, end: int) -> None:
-    """Zero ranks [begin, end) of the region starting at `start` in one layer (nothing if empty)."""
+def _zero(a: torch.Tensor, b: torch.Tensor, begin: int, end: int) -> None:
+    """Zero the adapter's ranks [begin, end) of one layer, A's rows and B's columns (nothing if empty)."""
     if end > begin:
-        layer.lora_A[ADAPTER].weight[start + begin : start + end].zero_()
-        layer.lora_B[ADAPTER].weight[:, start + begin : start + end].zero_()
+        a[begin:end].zero_()
+        b[:, begin:end].zero_()

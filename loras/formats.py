@@ -1,7 +1,8 @@
 """LoRA file formats: read a safetensors LoRA and normalise it to one canonical form.
 
 For each target module of the diffusers FluxTransformer2DModel / CLIPTextModel, a pair
-(A [r, in], B [out, r]) in float32 with the format's alpha folded into B, so that the module's
+(A [r, in], B [out, r]) in float32 with the format's alpha folded into B (B stored column-major, as
+lora_loader's adapter holds it, so applying it is one contiguous copy), so that the module's
 change is exactly ΔW = B @ A.
 
 Every tensor of a file is accounted for: it goes into a pair that is applied, or it belongs to a
@@ -483,7 +484,7 @@ def _parse(label, digest, state_dict, metadata, shapes: Shapes, max_rank) -> Par
             name = f"{component}.{target}"
             if name in pairs:
                 raise UserError(f"layer {target} appears twice in the file (as {sources[name]} and {layer.name})")
-            pairs[name] = (a.contiguous(), b.contiguous())
+            pairs[name] = (a.contiguous(), b.t().contiguous().t())  # B column-major, as the adapter holds it
             sources[name] = layer.name
         applied[component] = applied.get(component, 0) + len(parts)
     if tolerated:
