@@ -36,16 +36,19 @@ test: install
 soak: install
 	$(BIN)/python -m pytest -q -m slow tests/test_soak.py -s
 
-# The real Cog HTTP server, as the container runs it, on the weights in FLUX_WEIGHTS_DIR.
+# The real Cog HTTP server, as the container runs it, on the weights in FLUX_WEIGHTS_DIR; with the
+# image's allocator (cog.yaml) where Debian's libtcmalloc-minimal4 is installed.
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+PRELOAD := $(if $(wildcard $(TCMALLOC)),LD_PRELOAD=$(TCMALLOC) TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776)
 serve: install
-	COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http
+	$(PRELOAD) COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http
 
 # The same API on REPLICAS Cog servers behind Ray Serve, routed by LoRA (cluster/): a local Ray
 # instance in the foreground, one GPU per replica where Ray finds GPUs; Ctrl-C stops all of it.
 REPLICAS ?= 2
 .PHONY: serve-cluster
 serve-cluster: install
-	$(BIN)/python -m cluster --replicas $(REPLICAS) --port $(PORT)
+	$(PRELOAD) $(BIN)/python -m cluster --replicas $(REPLICAS) --port $(PORT)
 
 tiny-weights: install
 	$(BIN)/python scripts/tiny_weights.py $(DIR)

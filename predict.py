@@ -47,8 +47,7 @@ class Predictor(BaseRunner):
         version's weights: any source `extra_lora` accepts); else `lora.safetensors` in the weights
         tree; else plain FLUX."""
         in_worker = workarounds.in_cog_worker()  # process-wide workarounds only there (workarounds.py)
-        if in_worker:
-            workarounds.limit_allocator_growth()
+        self.heap = workarounds.HeapTrim(enabled=in_worker)  # after each prediction, if memory grew
         workarounds.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
         started = time.perf_counter()
         from pipelines import FluxModels, device_and_dtype  # after configure_logging (workarounds.py)
@@ -199,7 +198,7 @@ class Predictor(BaseRunner):
             default=None,
         ),
     ) -> list[Path]:
-        with user_errors():
+        with user_errors(), self.heap:
             # 1. Check inputs; pick the mode, the pipeline, the sizes and the seeds.
             self.inputs.sweep(keep=[image, mask])
             traits = self.models.traits(model)

@@ -114,26 +114,74 @@ def _torchvision_fallback_warning(record: logging.LogRecord) -> bool:
 # ---------------------------------------------------------------- glibc
 
 
-def limit_allocator_growth() -> None:
-    """Keep the worker's memory flat over thousands of predictions (process-wide: only in Cog's worker).
+# The image's allocator (cog.yaml: system package libtcmalloc-minimal4, LD_PRELOAD; the Makefile's serve).
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
-    glibc's malloc: with its defaults (up to 8 arenas per core, mmap and trim thresholds that adapt
-    upwards) the worker's RSS creeps up with every few hundred predictions (614 → 684 MiB over 1,000,
-    tests/test_soak.py) through fragmentation, not Python objects. With two arenas and blocks of 1 MiB
-    or more mapped and trimmed straight back to the OS it stays flat. It costs speed (9–20 % on the tiny
-    pipeline at 1024², FACTS.md), which is why nothing else gets it. Can go when `make soak` passes with
-    this function made a no-op (or when the image runs another allocator, jemalloc or tcmalloc).
+
+class HeapTrim:
+    """Keep the worker's memory flat over thousands of predictions, without paying for it per request.
+
+    glibc's malloc keeps memory that Python and torch free, to reuse it: that is what makes a request
+    fast, but over hundreds of predictions of varied sizes the kept memory fragments and the worker's
+    RSS creeps up (+77 MiB over 200 predictions, still rising; bench/README.md, "Allocator").
+    `malloc_trim(0)` hands every free page back to the OS. It is called after a prediction only when
+    the worker's RSS has grown by more than `slack_bytes` (16 MiB) since the last trim, so RSS stays
+    bounded while most requests pay nothing but reading /proc/self/statm (~20 µs); a trim costs a few
+    ms, and the next request faults the pages it needs back in.
+
+    The image preloads tcmalloc instead (cog.yaml), which is faster and flat by itself; this is for
+    a worker on glibc's malloc (`make serve` where Debian's libtcmalloc-minimal4 is not installed).
+    It replaces a process-wide `mallopt` (2 arenas, mmap and trim thresholds 1 MiB: flat too, but
+    every tensor of 1 MiB or more became its own mmap, page-faulted on every use: +20–30 % per request
+    on the tiny CPU pipeline). Only in Cog's worker (`enabled`); with another allocator, or without
+    glibc (musl, macOS), it does nothing. Can go when `make soak` keeps RSS flat without it.
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:  # not glibc (e.g. macOS): nothing to tune
-        return
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt"):
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_arena_max, 2)
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 20)
+
+    def __init__(self, enabled: bool, slack_bytes: int = 16 << 20):
+        libc_name = ctypes.util.find_library("c") if enabled and not other_allocator() else None
+        libc = ctypes.CDLL(libc_name) if libc_name else None
+        self._malloc_trim = getattr(libc, "malloc_trim", None)
+        self.slack_bytes = slack_bytes
+        self._level: int | None = None  # RSS right after the last trim
+        self.trims = 0
+
+    def __enter__(self) -> HeapTrim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """After a prediction (successful or not): trim if RSS grew past the slack."""
+        if self._malloc_trim is None:
+            return
+        rss = resident_bytes()
+        if self._level is not None and rss <= self._level + self.slack_bytes:
+            return
+        started = time.perf_counter()
+        self._malloc_trim(0)
+        self._level = resident_bytes()
+        self.trims += 1
+        logger.debug(
+            "returned %d MiB of free heap to the OS in %.1f ms",
+            (rss - self._level) >> 20,
+            (time.perf_counter() - started) * 1000,
+        )
+
+
+def other_allocator() -> str | None:
+    """ "tcmalloc" / "jemalloc" when that allocator replaces glibc's malloc in this process (LD_PRELOAD)."""
+    process = ctypes.CDLL(None)
+    for name, symbol in (("tcmalloc", "tc_malloc"), ("jemalloc", "mallctl")):
+        if hasattr(process, symbol):
+            return name
+    return None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # ---------------------------------------------------------------- Cog's leftovers on disk

@@ -50,3 +50,15 @@ def test_committed_openapi_schema_is_current():
     from scripts.gen_schema import SCHEMA_PATH, generate
 
     assert SCHEMA_PATH.read_text() == generate(), "stale .cog/openapi_schema.json: run `make schema` and commit it"
+
+
+def test_the_image_preloads_the_allocator_it_installs():
+    """tcmalloc is the worker's allocator in the image (bench/README.md, "Allocator"): its package is
+    installed, LD_PRELOAD names its library, and `make serve` preloads the same file where it exists."""
+    import workarounds
+
+    config = cog_config()
+    environment = dict(item.split("=", 1) for item in config["environment"])
+    assert "libtcmalloc-minimal4" in config["build"]["system_packages"]
+    assert environment["LD_PRELOAD"] == str(workarounds.TCMALLOC)
+    assert f"TCMALLOC := {workarounds.TCMALLOC}" in (ROOT / "Makefile").read_text()

@@ -29,9 +29,9 @@ from tests.cog_server import CogServer, data_uri, decode_data_uri, png_bytes, re
 from tests.receivers import Receiver
 
 WARMUP = 60
-# Allowed growth of the worker's resident memory from WARMUP to the end, in bytes. Measured on 2 cores,
-# predictions 60 → 200: ≈ +10 MiB with glibc's malloc tuned (workarounds.limit_allocator_growth),
-# ≈ +40 MiB untuned (and still creeping: +70 MiB over 1,000): fragmentation, not Python objects.
+# Allowed growth of the worker's resident memory from WARMUP to the end, in bytes. glibc's malloc
+# untrimmed grew ≈ +40 MiB from 60 to 200 predictions and kept creeping (+70 MiB over 1,000):
+# fragmentation, not Python objects. With tcmalloc, or glibc with workarounds.HeapTrim, it stays flat.
 RSS_SLACK = 24 << 20
 SIZES = [(256, 256), (256, 320), (320, 256), (272, 272)]
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
@@ -103,8 +103,18 @@ def tmp_snapshot(tmpdir) -> tuple[set[str], int]:
     return names, outputs
 
 
-@pytest.fixture(scope="module")
-def soak_server(tiny_weights, tmp_path_factory):
+# The worker's allocators: the image's (tcmalloc, preloaded as cog.yaml does; where Debian's package is
+# installed) and glibc's malloc with workarounds.HeapTrim (a server started without the preload).
+ALLOCATORS = {
+    "tcmalloc": {"LD_PRELOAD": str(workarounds.TCMALLOC), "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
+    "glibc": {},
+}
+
+
+@pytest.fixture(scope="module", params=list(ALLOCATORS))
+def soak_server(tiny_weights, tmp_path_factory, request):
+    if request.param == "tcmalloc" and not workarounds.TCMALLOC.exists():
+        pytest.skip(f"{workarounds.TCMALLOC} is not installed (Debian: libtcmalloc-minimal4)")
     tmpdir = tmp_path_factory.mktemp("soak-tmp")
     with Receiver() as rx:
         rx.serve("a.safetensors", scaled_lora(tiny_weights, 3.0))
@@ -114,6 +124,7 @@ def soak_server(tiny_weights, tmp_path_factory):
             "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("soak-lora-cache")),
             "LORA_ALLOW_PRIVATE_URLS": "1",
             "FLUX_TEST_FAULTS": "1",  # tests/fault_inject/faults.py
+            **ALLOCATORS[request.param],
         }
         with CogServer(tiny_weights, env=env) as server:
             server.wait_for("READY")
@@ -198,7 +209,7 @@ def soak(server, count: int, request, tag: str) -> None:
 
 @pytest.mark.slow
 def test_soak(soak_server, request):
-    soak(soak_server, int(os.environ.get("SOAK_N", "1000")), request, "soak")
+    soak(soak_server, int(os.environ.get("SOAK_N", "1000")), request, f"soak-{request.node.callspec.id}")
 
 
 # ---------------------------------------------------------------- the workarounds, as units
@@ -257,3 +268,31 @@ def test_folders_of_killed_workers_go_at_the_next_setup(tmp_path):
     assert workarounds.remove_dead_workers_folders(tmp_path) == 3
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([f"flux-inputs-{alive}", f"flux-out-{alive}-x", "flux-out-notapid", "someone-elses"])
+
+
+def test_heap_trim_returns_free_heap_only_when_memory_grew():
+    """glibc's malloc keeps freed memory; HeapTrim gives it back after a prediction once RSS grew past its
+    slack, and costs nothing more than reading RSS otherwise."""
+    heap = workarounds.HeapTrim(enabled=True, slack_bytes=8 << 20)
+    with heap:  # the first prediction: trims and takes the level
+        pass
+    if heap.trims == 0:
+        pytest.skip("not glibc's malloc in this process (another allocator, or not Linux)")
+    with heap:  # nothing grew: nothing done
+        pass
+    assert heap.trims == 1
+    blocks = [bytearray(60_000) for _ in range(1_500)]  # 90 MB of heap chunks, below mmap's threshold
+    del blocks[::2]  # half of them freed between live ones: glibc keeps the pages
+    grown = workarounds.resident_bytes()
+    with heap:
+        pass
+    assert heap.trims == 2
+    assert workarounds.resident_bytes() < grown - (16 << 20), "the freed half was not returned"
+    assert len(blocks) == 750
+
+
+def test_heap_trim_is_off_outside_the_worker():
+    heap = workarounds.HeapTrim(enabled=False, slack_bytes=0)
+    with heap:
+        pass
+    assert heap.trims == 0
