@@ -116,6 +116,23 @@ def _torchvision_fallback_warning(record: logging.LogRecord) -> bool:
 
 # The image's allocator (cog.yaml: system package libtcmalloc-minimal4, LD_PRELOAD; the Makefile's serve).
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+# The server's allocator environment, as cog.yaml's `environment` sets it (tests/test_packaging.py
+# holds the two equal): tcmalloc preloaded; its report of large allocations (the weights) silenced; and
+# for glibc's malloc, should the preload not happen, 2 arenas (bench/README.md, "Allocator").
+SERVING_ENVIRONMENT = {
+    "LD_PRELOAD": str(TCMALLOC),
+    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40),
+    "MALLOC_ARENA_MAX": "2",
+}
+
+
+def serving_environment(preload: bool = True) -> dict[str, str]:
+    """SERVING_ENVIRONMENT for a server started here: the preload only where tcmalloc is installed
+    (and `preload`), as `make serve` does."""
+    env = dict(SERVING_ENVIRONMENT)
+    if not (preload and TCMALLOC.exists()):
+        del env["LD_PRELOAD"], env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]
+    return env
 
 
 class HeapTrim:
@@ -123,11 +140,13 @@ class HeapTrim:
 
     glibc's malloc keeps memory that Python and torch free, to reuse it: that is what makes a request
     fast, but over hundreds of predictions of varied sizes the kept memory fragments and the worker's
-    RSS creeps up (+77 MiB over 200 predictions, still rising; bench/README.md, "Allocator").
-    `malloc_trim(0)` hands every free page back to the OS. It is called after a prediction only when
-    the worker's RSS has grown by more than `slack_bytes` (16 MiB) since the last trim, so RSS stays
-    bounded while most requests pay nothing but reading /proc/self/statm (~20 µs); a trim costs a few
-    ms, and the next request faults the pages it needs back in.
+    RSS creeps up (glibc's defaults: 521 → 620 MiB over 1,000 predictions; bench/README.md,
+    "Allocator"). `malloc_trim(0)` hands every free page back to the OS. It is called after a
+    prediction only when the worker's RSS has grown by more than `slack_bytes` (16 MiB) since the last
+    trim, so most requests pay nothing but reading /proc/self/statm (~20 µs); a trim costs a few ms,
+    and the next request faults the pages it needs back in. With the serving environment's 2 arenas
+    (SERVING_ENVIRONMENT) that keeps RSS flat (426 → 441 MiB, +0 over the last 500); with glibc's
+    default arenas alone it does not (439 → 506, +14 over the last 500).
 
     The image preloads tcmalloc instead (cog.yaml), which is faster and flat by itself; this is for
     a worker on glibc's malloc (`make serve` where Debian's libtcmalloc-minimal4 is not installed).

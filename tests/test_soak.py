@@ -104,16 +104,16 @@ def tmp_snapshot(tmpdir) -> tuple[set[str], int]:
 
 
 # The worker's allocators: the image's (tcmalloc, preloaded as cog.yaml does; where Debian's package is
-# installed) and glibc's malloc with workarounds.HeapTrim (a server started without the preload).
+# installed) and glibc's malloc with 2 arenas and workarounds.HeapTrim (the same without the preload).
 ALLOCATORS = {
-    "tcmalloc": {"LD_PRELOAD": str(workarounds.TCMALLOC), "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
-    "glibc": {},
+    "tcmalloc": workarounds.serving_environment(),
+    "glibc": workarounds.serving_environment(preload=False),
 }
 
 
 @pytest.fixture(scope="module", params=list(ALLOCATORS))
 def soak_server(tiny_weights, tmp_path_factory, request):
-    if request.param == "tcmalloc" and not workarounds.TCMALLOC.exists():
+    if request.param == "tcmalloc" and "LD_PRELOAD" not in ALLOCATORS["tcmalloc"]:
         pytest.skip(f"{workarounds.TCMALLOC} is not installed (Debian: libtcmalloc-minimal4)")
     tmpdir = tmp_path_factory.mktemp("soak-tmp")
     with Receiver() as rx:
