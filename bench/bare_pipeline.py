@@ -2,12 +2,11 @@
 process of its own with default settings (bench_serving starts it with a clean environment, so it
 inherits neither our environment nor our allocator settings).
 
-    python bench/bare_pipeline.py WEIGHTS_TREE [--mallopt]
+    python bench/bare_pipeline.py WEIGHTS_TREE
 
 Loads FLUX.1-dev from the tree, then reads one request per stdin line, `WIDTH HEIGHT STEPS SEED`,
 and answers each with one JSON line on stdout: {"pipe_s", "save_s", "total_s", "rss_mib"}.
-`--mallopt`: first call the product's `workarounds.limit_allocator_growth()` (the allocator variant
-of bench_allocator); otherwise nothing of this project is imported.
+Nothing of this project is imported.
 """
 
 from __future__ import annotations
@@ -23,11 +22,6 @@ PROMPT = "an ascii art cat"
 
 def main() -> int:
     tree = Path(sys.argv[1])
-    if "--mallopt" in sys.argv[2:]:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import workarounds
-
-        workarounds.limit_allocator_growth()
     import psutil
     import torch
     from diffusers import FluxPipeline

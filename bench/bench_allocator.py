@@ -1,11 +1,14 @@
 """Allocator variants for the worker (bench/README.md, "Allocator"): time per request at 1 MP over HTTP
-and in a bare pipeline process with the same setting, and the worker's RSS over many predictions.
+against the bare pipeline in its own default process, and the worker's RSS over 1,000 predictions.
 
-Variants: today's `workarounds.limit_allocator_growth()` (glibc mallopt: 2 arenas, mmap and trim
-thresholds 1 MiB, in Cog's worker only); glibc's defaults; `MALLOC_ARENA_MAX=2` alone; jemalloc
-(Debian's libjemalloc2) by LD_PRELOAD. For every variant but the first the server runs with a
-sitecustomize (written here, in a temporary folder on PYTHONPATH) that makes
-`limit_allocator_growth` a no-op; the product is not changed.
+Variants (each its own Cog server; all live at once and take requests in turn, so they see the same
+machine): tcmalloc by LD_PRELOAD (the image's, cog.yaml; Debian's libtcmalloc-minimal4); glibc's malloc
+with the product's fallback (`MALLOC_ARENA_MAX=2` from the serving environment, and
+`workarounds.HeapTrim`: `malloc_trim(0)` after a prediction when RSS grew more than 16 MiB since the
+last trim); glibc's default arenas with the same trimming, with trimming after every prediction, and
+with no trimming; the previous product (`mallopt`: 2 arenas, mmap and trim thresholds 1 MiB); jemalloc
+(libjemalloc2) by LD_PRELOAD where installed. Variants that change the product's behaviour do it with
+a bench-only `sitecustomize.py` on the server's PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -13,80 +16,118 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench_serving import BareProcess, HttpServer, interleaved_calls
+from bench_serving import BareProcess, HttpServer, interleaved_calls, serve_env
 from common import ROOT, median, paired_ratio
 
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-JEMALLOC_PROMPT_RETURN = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
-NO_MALLOPT = f"""import sys
-sys.path.insert(0, {str(ROOT)!r})
+LIBS = Path("/usr/lib/x86_64-linux-gnu")
+JEMALLOC = LIBS / "libjemalloc.so.2"
+TCMALLOC = LIBS / "libtcmalloc_minimal.so.4"
+TCMALLOC_NAME = "tcmalloc (LD_PRELOAD, the image's)"
+GLIBC_NAME = "glibc, 2 arenas, trim when RSS grew 16 MiB (the fallback without tcmalloc)"
+
+_PATCH = """import sys
+sys.path.insert(0, {root!r})
 import workarounds
-workarounds.limit_allocator_growth = lambda: None
+{body}
 """
+PATCHES = {
+    # HeapTrim's slack: 0 trims after every prediction; None never trims.
+    "trim_always": "workarounds.HeapTrim.__init__.__defaults__ = (0,)",
+    "no_trim": "workarounds.HeapTrim.__exit__ = lambda self, *exc: None",
+    # The previous product: this mallopt in Cog's worker (it ran in setup(); here at the worker's start).
+    "mallopt": """workarounds.HeapTrim.__exit__ = lambda self, *exc: None
+import ctypes, ctypes.util
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallopt(-8, 2)  # M_ARENA_MAX
+libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD""",
+}
 
 
 def variants() -> dict[str, dict]:
-    """name → (server env, whether the worker's mallopt runs, bare process env, bare --mallopt)."""
-    found = {
-        "mallopt (today)": {"env": {}, "mallopt": True},
-        "glibc defaults": {"env": {}, "mallopt": False},
-        "MALLOC_ARENA_MAX=2": {"env": {"MALLOC_ARENA_MAX": "2"}, "mallopt": False},
+    """name → {"env": the server's extra environment, "patch": a PATCHES key or None}."""
+    found = {}
+    if TCMALLOC.exists():  # the image's allocator (cog.yaml; `make serve`); HeapTrim then does nothing
+        found[TCMALLOC_NAME] = {"env": {}, "patch": None}
+    fallback = {"LD_PRELOAD": None}  # the serving environment without the preload: 2 arenas
+    glibc = {**fallback, "MALLOC_ARENA_MAX": None}  # and glibc's default arenas (up to 8 per core)
+    found |= {
+        GLIBC_NAME: {"env": fallback, "patch": None},
+        "glibc, trim when RSS grew 16 MiB": {"env": glibc, "patch": None},
+        "glibc, trim after every prediction": {"env": glibc, "patch": "trim_always"},
+        "glibc defaults, no trim": {"env": glibc, "patch": "no_trim"},
+        "before: glibc mallopt 2 arenas, thresholds 1 MiB": {"env": glibc, "patch": "mallopt"},
     }
-    # The same two arenas with thresholds at glibc's ceiling (32 MiB) instead of 1 MiB: big tensors stay
-    # in the heap instead of an mmap + page faults + munmap each (set by glibc's tunables, not mallopt).
-    found["arenas 2, thresholds 32 MiB (GLIBC_TUNABLES)"] = {
-        "env": {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold={32 << 20}"
-                f":glibc.malloc.trim_threshold={32 << 20}"},
-        "mallopt": False,
-    }  # fmt: skip
-    if Path(JEMALLOC).exists():
-        found["jemalloc (LD_PRELOAD)"] = {"env": {"LD_PRELOAD": JEMALLOC}, "mallopt": False}
-        found["jemalloc, dirty pages returned in 1 s (MALLOC_CONF)"] = {
-            "env": {
-                "LD_PRELOAD": JEMALLOC,
-                "MALLOC_CONF": "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0",
-            },
-            "mallopt": False,
-        }
+    if JEMALLOC.exists():
+        found["jemalloc (LD_PRELOAD)"] = {"env": {**glibc, "LD_PRELOAD": str(JEMALLOC)}, "patch": None}
     return found
 
 
-def run(tree: Path, *, size: int = 1024, rounds: int = 5, soak_size: int = 256, soak: int = 200) -> dict:
+def soak_sizes(i: int) -> int:
+    """The soak's sizes: 256² to 512² in turn, so that freed blocks come in several sizes."""
+    return (256, 320, 384, 256, 512)[i % 5]
+
+
+def run(tree: Path, *, size: int = 1024, rounds: int = 5, soak: int = 1000, every: int = 100) -> dict:
     chosen = variants()
     with tempfile.TemporaryDirectory(prefix="bench-alloc-") as tmp:
-        (Path(tmp) / "sitecustomize.py").write_text(NO_MALLOPT)
-        servers, bares = {}, {}
+        paths = {}
+        for key, body in PATCHES.items():
+            folder = Path(tmp) / key
+            folder.mkdir()
+            (folder / "sitecustomize.py").write_text(_PATCH.format(root=str(ROOT), body=body))
+            paths[key] = str(folder)
+        servers = {}
+        bare = bare_tc = None
         try:
             for name, v in chosen.items():
-                servers[name] = HttpServer(tree, env=v["env"], pythonpath="" if v["mallopt"] else tmp)
-                bares[name] = BareProcess(tree, env=v["env"], mallopt=v["mallopt"])
-            cases = {f"http {n}": (lambda s=s: s(size)) for n, s in servers.items()}
-            cases |= {f"bare {n}": (lambda b=b: b(size)) for n, b in bares.items()}
+                servers[name] = HttpServer(tree, env=v["env"], pythonpath=paths.get(v["patch"], ""))
+            bare = BareProcess(tree)  # glibc defaults, nothing of ours: what a user compares against
+            cases = {name: (lambda s=s: s(size)) for name, s in servers.items()}
+            cases["bare"] = lambda: bare(size)
+            if TCMALLOC.exists():  # and the same allocator as ours: the serving overhead alone
+                bare_tc = BareProcess(tree, env=serve_env())
+                cases["bare tcmalloc"] = lambda: bare_tc(size)
             answers = interleaved_calls(cases, rounds=rounds)
             times = {case: [a["total_s"] for a in got] for case, got in answers.items()}
-            base_http, base_bare = times["http mallopt (today)"], times["bare glibc defaults"]
-            rss_start = {n: s.worker_rss_mib() for n, s in servers.items()}
+            rss: dict[str, list[float]] = {n: [s.worker_rss_mib()] for n, s in servers.items()}
             soak_times: dict[str, list[float]] = {n: [] for n in servers}
             for i in range(soak):  # round robin, so that all variants see the same machine
                 for name, server in servers.items():
-                    soak_times[name].append(server(soak_size, seed=i)["total_s"])
-            rss_end = {n: s.worker_rss_mib() for n, s in servers.items()}
-            bare_rss = {n: b(soak_size)["rss_mib"] for n, b in bares.items()}
+                    soak_times[name].append(server(soak_sizes(i), seed=i)["total_s"])
+                if (i + 1) % every == 0:
+                    for name, server in servers.items():
+                        rss[name].append(server.worker_rss_mib())
+            after = interleaved_calls(cases, rounds=max(2, rounds // 2))  # 1 MP again, after the soak
+            for case, got in after.items():
+                times[f"{case} after"] = [a["total_s"] for a in got]
         finally:
-            for process in [*servers.values(), *bares.values()]:
+            for process in [*servers.values(), *(p for p in (bare, bare_tc) if p)]:
                 process.close()
     table = {}
     for name in chosen:
-        http, bare = times[f"http {name}"], times[f"bare {name}"]
+        http = times[name]
+        curve = rss[name]
         table[name] = {
             "http_s": median(http),
-            "http / http mallopt (today)": paired_ratio(http, base_http),
-            "bare_s": median(bare),
-            "bare / bare glibc defaults": paired_ratio(bare, base_bare),
-            "http / bare (same setting)": paired_ratio(http, bare),
-            "soak_s": median(soak_times[name]),
-            "worker_rss_start_mib": rss_start[name],
-            "worker_rss_end_mib": rss_end[name],
-            "bare_rss_mib": bare_rss[name],
+            "http / fallback": paired_ratio(http, times[GLIBC_NAME]),
+            "http / bare default process": paired_ratio(http, times["bare"]),
+            "http / bare after the soak": paired_ratio(times[f"{name} after"], times["bare after"]),
+            "soak_ms": median(soak_times[name]) * 1e3,
+            "worker_rss_mib": curve,
+            "rss_growth_first_to_last_mib": curve[-1] - curve[0],
+            "rss_growth_second_half_mib": curve[-1] - curve[len(curve) // 2],
         }
-    return {"size": size, "rounds": rounds, "soak_size": soak_size, "soak": soak, "variants": table, "raw": times}
+    if "bare tcmalloc" in times:
+        table[TCMALLOC_NAME]["http / bare with tcmalloc"] = paired_ratio(times[TCMALLOC_NAME], times["bare tcmalloc"])
+        table[TCMALLOC_NAME]["bare tcmalloc / bare"] = paired_ratio(times["bare tcmalloc"], times["bare"])
+    return {
+        "size": size,
+        "rounds": rounds,
+        "soak": soak,
+        "rss_every": every,
+        "soak_sizes": sorted({soak_sizes(i) for i in range(5)}),
+        "bare_s": median(times["bare"]),
+        "variants": table,
+        "raw": times,
+    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 RANK = 16
 STEP_SLOT_RANKS = (16, 64, 128)  # LORA_MAX_RANK values whose per-step cost is measured
+SWITCH_RANKS = (16, 128)  # extra LoRAs' ranks for the switch: the common one and the most Replicate's trainer makes
 
 
 def _shallow(model):
@@ -31,15 +33,42 @@ def _shallow(model):
     return copy.deepcopy(model, memo)
 
 
-def _write_loras(base, directory: Path) -> dict[str, Path]:
+def _write_loras(base, directory: Path, rank: int = RANK) -> dict[str, Path]:
+    """The rank-16 main LoRA and two extras of `rank` (kohya BFL keys with split qkv, diffusers keys)."""
     import lora_fixtures as fx
 
     files = {
         "main": fx.diffusers_peft(base, rank=RANK, seed=1),
-        "kohya": fx.bfl_family(base, style="kohya", rank=RANK, alpha=RANK, seed=2),
-        "diffusers": fx.diffusers_peft(base, rank=RANK, alpha="keys", seed=3),
+        "kohya": fx.bfl_family(base, style="kohya", rank=rank, alpha=rank, seed=2),
+        "diffusers": fx.diffusers_peft(base, rank=rank, alpha="keys", seed=3),
     }
-    return {name: lora.write(directory / f"{name}.safetensors") for name, lora in files.items()}
+    return {name: lora.write(directory / f"r{rank}-{name}.safetensors") for name, lora in files.items()}
+
+
+class _WriteTimes(logging.Handler):
+    """The write part of each switch, from lora_loader's own log line ("… rewritten in X ms")."""
+
+    PATTERN = re.compile(r"layers rewritten in ([\d.]+) ms")
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.ms: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if found := self.PATTERN.search(record.getMessage()):
+            self.ms.append(float(found[1]))
+
+    def __enter__(self):
+        log = logging.getLogger("lora_loader")
+        self._level = log.level
+        log.setLevel(logging.INFO)  # setLevel, not .level: it also clears the logger's isEnabledFor cache
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        log = logging.getLogger("lora_loader")
+        log.removeHandler(self)
+        log.setLevel(self._level)
 
 
 def _extrapolation(model) -> float:
@@ -70,56 +99,143 @@ def _anchor_pipe(transformer):
 
 
 def switching(base, files: dict[str, Path], cache_dir: Path, *, switches: int = 10, rounds: int = 5) -> dict:
-    """Requests alternating between two cached extra LoRAs (main LoRA on), ours vs the anchor."""
+    """Requests alternating between two cached extra LoRAs (main LoRA on): ours, the anchor, and the
+    floor of any switch, a plain copy of the new LoRA's parsed bytes into buffers of their shapes."""
     from lora_loader import LoraManager
     from loras.cache import LoraCache
 
     os.environ["LORA_LOCAL_DIR"] = str(files["kohya"].parent)  # the extras are named by path, as a user's would be
     ours = _shallow(base)
-    manager = LoraManager([ours], None, LoraCache(cache_dir, 1 << 30), max_rank=128, main=files["main"])
+    manager = LoraManager([ours], None, LoraCache(cache_dir, 1 << 31), max_rank=128, main=files["main"])
     extras = [str(files["kohya"]), str(files["diffusers"])]
     for extra in extras:  # first use: parse (the LoRA is then in memory, as on a server after one request)
         manager.apply(ours, 1.0, extra, 1.0)
+    parsed = [manager._parsed(extra, None) for extra in extras]  # noqa: SLF001  (the bytes a switch writes)
+    buffers = [{k: (torch.empty_like(a), torch.empty_like(b)) for k, (a, b) in p.pairs.items()} for p in parsed]
 
     anchor = _anchor_pipe(_shallow(base))
 
-    def anchor_change(extra):
+    def anchor_change(i):
         # The anchor: on each change, unload everything, load main + extra from their files, set scales.
         anchor.unload_lora_weights()
         anchor.load_lora_weights(str(files["main"]), adapter_name="main")
-        anchor.load_lora_weights(extra, adapter_name="extra")
+        anchor.load_lora_weights(extras[i], adapter_name="extra")
         anchor.set_adapters(["main", "extra"], [1.0, 1.0])
+
+    def plain_copy(i):
+        for key, (a, b) in parsed[i].pairs.items():
+            buffers[i][key][0].copy_(a)
+            buffers[i][key][1].copy_(b)
 
     def alternate(apply):
         def go():
             for i in range(switches):
-                apply(extras[i % 2])
+                apply(i % 2)
 
         return go
 
-    times = interleaved(
-        {
-            "ours": alternate(lambda extra: manager.apply(ours, 1.0, extra, 1.0)),
-            "anchor": alternate(anchor_change),
-        },
-        rounds=rounds,
-        warmup=1,
-    )
+    with _WriteTimes() as writes:
+        times = interleaved(
+            {
+                "ours": alternate(lambda i: manager.apply(ours, 1.0, extras[i], 1.0)),
+                "plain copy": alternate(plain_copy),
+                "anchor": alternate(anchor_change),
+            },
+            rounds=rounds,
+            warmup=1,
+        )
+    # The log's write times, per round (the warm-up round's first, skipped).
+    per_round = [writes.ms[(r + 1) * switches : (r + 2) * switches] for r in range(rounds)]
+    times["ours: write"] = [sum(ms) / 1e3 for ms in per_round]
     manager.apply(ours, 1.0, extras[0], 1.0)
     same = [timed(lambda: manager.apply(ours, 1.0, extras[0], 1.0)) for _ in range(50)]
     per_switch = {k: [t / switches for t in v] for k, v in times.items()}
     anchor.unload_lora_weights()
     factor = _extrapolation(base)
-    ours_ms, anchor_ms = median(per_switch["ours"]) * 1e3, median(per_switch["anchor"]) * 1e3
+    ms = {k: median(v) * 1e3 for k, v in per_switch.items()}
     return {
+        "rank": parsed[0].rank,
+        "lora_bytes_float32": [p.nbytes for p in parsed],
         "switches_per_round": switches,
         "rounds": rounds,
-        "ms_per_switch": {"ours": ours_ms, "anchor": anchor_ms},
+        "ms_per_switch": ms,
         "ms_same_as_previous": median(same) * 1e3,
         "ratio_anchor_over_ours": paired_ratio(times["anchor"], times["ours"]),
+        "ratio_write_over_copy": paired_ratio(times["ours: write"], times["plain copy"]),
+        "ratio_ours_over_copy": paired_ratio(times["ours"], times["plain copy"]),
         "extrapolation_factor_to_19_38_blocks": factor,
-        "ms_per_switch_full_model_estimate": {"ours": ours_ms * factor, "anchor": anchor_ms * factor},
+        "ms_per_switch_full_model_estimate": {"ours": ms["ours"] * factor, "anchor": ms["anchor"] * factor},
         "raw_seconds": times,
+    }
+
+
+def flux_width_tree(tiny: Path, dest: Path):
+    """The tiny weights tree with FLUX-width transformers (1 double + 1 single block, float32; the text
+    projections sized for the tiny text encoders), a rank-16 main LoRA for them; the rest linked."""
+    import lora_fixtures as fx
+    from common import flux_width_transformer
+
+    dest.mkdir(parents=True)
+    for item in tiny.iterdir():
+        if item.name not in ("FLUX.1-dev", "FLUX.1-schnell", "lora.safetensors"):
+            (dest / item.name).symlink_to(item)
+    text = {"joint_attention_dim": 32, "pooled_projection_dim": 32}  # scripts/tiny_weights.HIDDEN
+    for model, guidance in (("FLUX.1-dev", True), ("FLUX.1-schnell", False)):
+        (dest / model).mkdir()
+        for item in (tiny / model).iterdir():
+            if item.name != "transformer":
+                (dest / model / item.name).symlink_to(item)
+        transformer = flux_width_transformer(seed=0, guidance_embeds=guidance, **text)
+        transformer.save_pretrained(dest / model / "transformer")
+        if guidance:
+            fx.diffusers_peft(transformer, rank=RANK, seed=1).write(dest / "lora.safetensors")
+            dev = transformer
+    return dest, dev
+
+
+def http_switching(tree: Path, dev, directory: Path, rank: int, *, rounds: int = 6) -> dict:
+    """Over real HTTP (`make serve` on the FLUX-width tree): a request whose extra LoRA differs from the
+    previous one's against one that repeats it. dev, 256², 1 step, png, no safety checker, main LoRA at
+    1; the extras are local files (LORA_LOCAL_DIR), parsed once before timing. The figure is the
+    difference of predict time outside the pipeline (predict_time − the log's "generated … in"), which
+    the pipeline's own noise does not blur; the end-to-end difference is reported beside it."""
+    from bench_serving import HttpServer
+
+    files = _write_loras(dev, directory, rank)
+    extras = [str(files["kohya"]), str(files["diffusers"])]
+    server = HttpServer(tree, env={"LORA_LOCAL_DIR": str(directory)})
+    inputs = {
+        "prompt": "an ascii art cat",
+        "aspect_ratio": "custom",
+        "width": 256,
+        "height": 256,
+        "num_inference_steps": 1,
+        "output_format": "png",
+        "disable_safety_checker": True,
+        "seed": 1,
+    }
+    try:
+        for extra in extras:  # first use: fetched and parsed (then in memory)
+            server.post({**inputs, "extra_lora": extra})
+        answers: dict[str, list[dict]] = {"switch": [], "reuse": []}
+        for i in range(rounds):  # A(switch) A(reuse) B(switch) B(reuse) …
+            for case in ("switch", "reuse"):
+                answers[case].append(server.post({**inputs, "extra_lora": extras[i % 2]}))
+    finally:
+        server.close()
+
+    def outside(a):
+        return a["predict_s"] - a["generate_s"]
+
+    pairs = list(zip(answers["switch"], answers["reuse"], strict=True))
+
+    return {
+        "rounds": rounds,
+        "extra_ms_outside_pipeline": median([outside(s) - outside(r) for s, r in pairs]) * 1e3,
+        "extra_ms_end_to_end": median([s["total_s"] - r["total_s"] for s, r in pairs]) * 1e3,
+        "apply_ms": {k: median([a.get("lora_apply_s", 0.0) for a in v]) * 1e3 for k, v in answers.items()},
+        "write_ms": {k: median([a.get("lora_write_s", 0.0) for a in v]) * 1e3 for k, v in answers.items()},
+        "request_s": {k: median([a["total_s"] for a in v]) for k, v in answers.items()},
     }
 
 
@@ -217,7 +333,7 @@ def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, 
     return result
 
 
-def run(*, quick: bool = False) -> dict:
+def run(tiny_tree: Path | None = None, *, quick: bool = False) -> dict:
     from common import flux_width_transformer
 
     start = time.perf_counter()
@@ -225,15 +341,23 @@ def run(*, quick: bool = False) -> dict:
     built = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         tmp = Path(tmp)
+        switch = {}
+        for rank in SWITCH_RANKS:
+            files = _write_loras(base, tmp / "files", rank)
+            switch[str(rank)] = switching(base, files, tmp / "cache", rounds=3 if quick else 5)
+            switch[str(rank)]["file_bytes"] = {k: p.stat().st_size for k, p in files.items()}
+        if tiny_tree is not None:  # the same switches over HTTP, on a FLUX-width weights tree
+            tree, dev = flux_width_tree(tiny_tree, tmp / "flux-width")
+            for rank in SWITCH_RANKS:
+                folder = tmp / f"http-r{rank}"
+                switch[str(rank)]["http"] = http_switching(tree, dev, folder, rank, rounds=3 if quick else 6)
+            del dev
         files = _write_loras(base, tmp / "files")
-        sizes = {k: p.stat().st_size for k, p in files.items()}
-        switch = switching(base, files, tmp / "cache", rounds=3 if quick else 5)
         step = per_step(base, files, tmp / "cache", rounds=1 if quick else 2)
     return {
         "model": "FluxTransformer2DModel, FLUX width, 1 double + 1 single block, float32",
         "parameters_millions": sum(p.numel() for p in base.parameters()) / 1e6,
         "build_seconds": built,
-        "lora_file_bytes": sizes,
         "switching": switch,
         "per_step": step,
     }

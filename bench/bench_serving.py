@@ -109,7 +109,8 @@ def run(tree: Path, *, size: int = 1024, steps: int = 4, rounds: int = 3) -> dic
 BARE_SCRIPT = Path(__file__).resolve().parent / "bare_pipeline.py"
 STAGE_LINES = {
     "generate_s": re.compile(r"generated \d+ image\(s\) in ([\d.]+) s"),
-    "lora_apply_s": re.compile(r"LoRA applied in ([\d.]+) ms"),  # converted to seconds below
+    "lora_apply_s": re.compile(r"LoRA applied in ([\d.]+) ms"),  # ms, converted to seconds below
+    "lora_write_s": re.compile(r"layers rewritten in ([\d.]+) ms"),  # ms, converted to seconds below
 }
 
 
@@ -122,8 +123,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class BareProcess:
     """bench/bare_pipeline.py in its own process, started with `clean_env()`; one request at a time."""
 
-    def __init__(self, tree: Path, *, env: dict[str, str] | None = None, mallopt: bool = False):
-        args = [sys.executable, str(BARE_SCRIPT), str(tree), *(["--mallopt"] if mallopt else [])]
+    def __init__(self, tree: Path, *, env: dict[str, str] | None = None):
+        args = [sys.executable, str(BARE_SCRIPT), str(tree)]
         self.process = subprocess.Popen(
             args, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, cwd=tempfile.gettempdir(),
@@ -145,17 +146,25 @@ class BareProcess:
             self.process.wait()
 
 
+def serve_env() -> dict[str, str]:
+    """What `make serve` adds to the server's environment: the image's allocator, where installed."""
+    import workarounds
+
+    return workarounds.serving_environment()
+
+
 class HttpServer:
     """`python -m cog.server.http` as `make serve` starts it (tests' CogServer, without the tests'
-    offline guard on PYTHONPATH), the predictor logging at INFO so that its per-stage timings come
-    back in each response's `logs`. `env` adds to (or, with a value of None, removes from) its env."""
+    offline guard on PYTHONPATH; `serve_env()`), the predictor logging at INFO so that its per-stage
+    timings come back in each response's `logs`. `env` adds to (or, with a value of None, removes
+    from) its env."""
 
     def __init__(self, tree: Path, *, env: dict[str, str | None] | None = None, pythonpath: str = ""):
         from cog_server import CogServer
 
         self.server = CogServer(tree, env={"LOG_LEVEL": "INFO"})
         self.server.env["PYTHONPATH"] = pythonpath
-        for key, value in (env or {}).items():
+        for key, value in {**serve_env(), **(env or {})}.items():
             if value is None:
                 self.server.env.pop(key, None)
             else:
@@ -165,7 +174,11 @@ class HttpServer:
         self.session = requests.Session()
 
     def __call__(self, size: int, steps: int = 4, seed: int = 1) -> dict:
-        body = {"input": {**http_inputs(size, steps), "seed": seed}}
+        return self.post({**http_inputs(size, steps), "seed": seed})
+
+    def post(self, inputs: dict) -> dict:
+        """One prediction; the client's time, Cog's predict_time and our logged stage times."""
+        body = {"input": inputs}
         for _ in range(100):  # Cog's brief 409 right after the previous answer (FACTS.md): not timed
             started = time.perf_counter()
             response = self.session.post(self.server.url + "/predictions", json=body, timeout=600)
@@ -187,7 +200,7 @@ class HttpServer:
             found = pattern.findall(logs)
             if found:
                 value = float(found[-1])
-                answer[key] = value / 1000 if key == "lora_apply_s" else value
+                answer[key] = value / 1000 if key.startswith("lora_") else value
         return answer
 
     def worker_rss_mib(self) -> float:
@@ -228,12 +241,15 @@ def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4
     default process of its own, interleaved, lora_scale=0, no safety checker, png, seed 1."""
     server = HttpServer(tree)
     bare = BareProcess(tree)
+    # And the bare pipeline with the server's allocator (make serve's preload): the serving cost alone.
+    same = BareProcess(tree, env=serve_env()) if serve_env() else None
     try:
-        results: dict = {"steps": steps, "rounds": rounds, "sizes": {}}
+        results: dict = {"steps": steps, "rounds": rounds, "allocator": serve_env().get("LD_PRELOAD"), "sizes": {}}
         for size in sizes:
-            answers = interleaved_calls(
-                {"http": lambda s=size: server(s, steps), "bare": lambda s=size: bare(s, steps)}, rounds=rounds
-            )
+            cases = {"http": lambda s=size: server(s, steps), "bare": lambda s=size: bare(s, steps)}
+            if same:
+                cases["bare, same allocator"] = lambda s=size: same(s, steps)
+            answers = interleaved_calls(cases, rounds=rounds)
             http, base = answers["http"], answers["bare"]
             seconds = {
                 "http": median([a["total_s"] for a in http]),
@@ -256,6 +272,11 @@ def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4
             results["sizes"][str(size)] = {
                 "seconds": seconds,
                 "ratio http / bare": paired_ratio([a["total_s"] for a in http], [a["total_s"] for a in base]),
+                "ratio http / bare, same allocator": paired_ratio(
+                    [a["total_s"] for a in http], [a["total_s"] for a in answers["bare, same allocator"]]
+                )
+                if same
+                else None,
                 "ratio pipeline: ours / bare": paired_ratio(
                     [a["generate_s"] for a in http], [a["pipe_s"] for a in base]
                 ),
@@ -269,6 +290,8 @@ def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4
     finally:
         server.close()
         bare.close()
+        if same:
+            same.close()
 
 
 def _base64_cost(nbytes: int) -> float:

@@ -24,12 +24,13 @@ FLUX_WIDTH = {**FLUX_TRANSFORMER, "num_layers": 1, "num_single_layers": 1, "guid
 REAL_BLOCKS = (19, 38)
 
 
-def flux_width_transformer(seed: int = 0):
-    """The FLUX-width transformer, float32, eval, random weights (N(0, 0.02): realistic magnitudes)."""
+def flux_width_transformer(seed: int = 0, **config):
+    """The FLUX-width transformer, float32, eval, random weights (N(0, 0.02): realistic magnitudes);
+    `config` overrides FLUX_WIDTH."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_WIDTH)
+        model = FluxTransformer2DModel(**{**FLUX_WIDTH, **config})
     model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
