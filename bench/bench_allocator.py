@@ -19,9 +19,9 @@ from pathlib import Path
 from bench_serving import BareProcess, HttpServer, interleaved_calls, serve_env
 from common import ROOT, median, paired_ratio
 
-LIBS = Path("/usr/lib/x86_64-linux-gnu")
-JEMALLOC = LIBS / "libjemalloc.so.2"
-TCMALLOC = LIBS / "libtcmalloc_minimal.so.4"
+from workarounds import TCMALLOC  # the image's, one definition
+
+JEMALLOC = TCMALLOC.parent / "libjemalloc.so.2"
 TCMALLOC_NAME = "tcmalloc (LD_PRELOAD, the image's)"
 GLIBC_NAME = "glibc, 2 arenas, trim when RSS grew 16 MiB (the fallback without tcmalloc)"
 
