@@ -40,7 +40,7 @@ soak: install
 # image's allocator environment (cog.yaml), the tcmalloc preload only where Debian's
 # libtcmalloc-minimal4 is installed (else glibc's malloc, 2 arenas, workarounds.HeapTrim).
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
-PRELOAD := MALLOC_ARENA_MAX=2 $(if $(wildcard $(TCMALLOC)),LD_PRELOAD=$(TCMALLOC) TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776)
+PRELOAD := MALLOC_ARENA_MAX=2 $(if $(wildcard $(TCMALLOC)),LD_PRELOAD=$(TCMALLOC) TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776 TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES=8388608)
 serve: install
 	$(PRELOAD) COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http
 

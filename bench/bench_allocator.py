@@ -23,6 +23,7 @@ from workarounds import TCMALLOC  # the image's, one definition
 
 JEMALLOC = TCMALLOC.parent / "libjemalloc.so.2"
 TCMALLOC_NAME = "tcmalloc (LD_PRELOAD, the image's)"
+TCMALLOC_DEFAULT_CACHES = "tcmalloc, default thread caches (32 MiB in all)"
 GLIBC_NAME = "glibc, 2 arenas, trim when RSS grew 16 MiB (the fallback without tcmalloc)"
 
 _PATCH = """import sys
@@ -49,6 +50,8 @@ def variants() -> dict[str, dict]:
     found = {}
     if TCMALLOC.exists():  # the image's allocator (cog.yaml; `make serve`); HeapTrim then does nothing
         found[TCMALLOC_NAME] = {"env": {}, "patch": None}
+        # gperftools' default cap on the thread caches (32 MiB in all) instead of the image's 8 MiB
+        found[TCMALLOC_DEFAULT_CACHES] = {"env": {"TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES": None}, "patch": None}
     fallback = {"LD_PRELOAD": None}  # the serving environment without the preload: 2 arenas
     glibc = {**fallback, "MALLOC_ARENA_MAX": None}  # and glibc's default arenas (up to 8 per core)
     found |= {
@@ -68,8 +71,12 @@ def soak_sizes(i: int) -> int:
     return (256, 320, 384, 256, 512)[i % 5]
 
 
-def run(tree: Path, *, size: int = 1024, rounds: int = 5, soak: int = 1000, every: int = 100) -> dict:
-    chosen = variants()
+def run(
+    tree: Path, *, size: int = 1024, rounds: int = 5, soak: int = 1000, every: int = 100, only: list[str] | None = None
+) -> dict:
+    """`only`: run the variants whose names hold one of these words (the glibc fallback always runs: the
+    reference of the "/ fallback" column)."""
+    chosen = {n: v for n, v in variants().items() if n == GLIBC_NAME or only is None or any(w in n for w in only)}
     with tempfile.TemporaryDirectory(prefix="bench-alloc-") as tmp:
         paths = {}
         for key, body in PATCHES.items():
@@ -91,6 +98,7 @@ def run(tree: Path, *, size: int = 1024, rounds: int = 5, soak: int = 1000, ever
             answers = interleaved_calls(cases, rounds=rounds)
             times = {case: [a["total_s"] for a in got] for case, got in answers.items()}
             rss: dict[str, list[float]] = {n: [s.worker_rss_mib()] for n, s in servers.items()}
+            server_rss: dict[str, list[float]] = {n: [s.server_rss_mib()] for n, s in servers.items()}
             soak_times: dict[str, list[float]] = {n: [] for n in servers}
             for i in range(soak):  # round robin, so that all variants see the same machine
                 for name, server in servers.items():
@@ -98,6 +106,7 @@ def run(tree: Path, *, size: int = 1024, rounds: int = 5, soak: int = 1000, ever
                 if (i + 1) % every == 0:
                     for name, server in servers.items():
                         rss[name].append(server.worker_rss_mib())
+                        server_rss[name].append(server.server_rss_mib())
             after = interleaved_calls(cases, rounds=max(2, rounds // 2))  # 1 MP again, after the soak
             for case, got in after.items():
                 times[f"{case} after"] = [a["total_s"] for a in got]
@@ -117,6 +126,8 @@ def run(tree: Path, *, size: int = 1024, rounds: int = 5, soak: int = 1000, ever
             "worker_rss_mib": curve,
             "rss_growth_first_to_last_mib": curve[-1] - curve[0],
             "rss_growth_second_half_mib": curve[-1] - curve[len(curve) // 2],
+            "server_rss_mib": server_rss[name],  # coglet's server process (HTTP, the data-URI responses)
+            "server_rss_growth_second_half_mib": server_rss[name][-1] - server_rss[name][len(curve) // 2],
         }
     if "bare tcmalloc" in times:
         table[TCMALLOC_NAME]["http / bare with tcmalloc"] = paired_ratio(times[TCMALLOC_NAME], times["bare tcmalloc"])

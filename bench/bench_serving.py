@@ -206,6 +206,11 @@ class HttpServer:
     def worker_rss_mib(self) -> float:
         return self.server.worker().memory_info().rss / 2**20
 
+    def server_rss_mib(self) -> float:
+        import psutil
+
+        return psutil.Process(self.server.process.pid).memory_info().rss / 2**20
+
     def close(self) -> None:
         self.session.close()
         self.server.__exit__(None, None, None)

@@ -3,7 +3,9 @@ this run) with absolute times, and writes everything to bench/results/latest.jso
 
     .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup,cluster,allocator] [--out PATH]
 
-`allocator` (≈ 20 min: 1,000 predictions per variant) is not in the default set: `--only allocator` runs it.
+`allocator` (≈ 20 min: 1,000 predictions per variant) is not in the default set: `--only allocator` runs it;
+`--allocators tcmalloc,jemalloc` runs only the variants whose names hold one of those words (and the
+glibc fallback, the reference).
 
 What the figures mean: bench/README.md. GPU figures: bench/GPU.md (bench/gpu_bench.py).
 """
@@ -222,7 +224,9 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
                     "≤ 1.05",
                     f"HTTP {v['http_s']:.2f} s ({v['http / fallback']:.2f}× the glibc fallback's); worker RSS MiB "
                     f"{curve} over {a['soak']} predictions ({v['soak_ms']:.0f} ms each), "
-                    f"{v['rss_growth_second_half_mib']:+.0f} in the second half",
+                    f"{v['rss_growth_second_half_mib']:+.0f} in the second half; coglet's server process MiB "
+                    f"{v['server_rss_mib'][0]:.1f} → {v['server_rss_mib'][-1]:.1f}, "
+                    f"{v['server_rss_growth_second_half_mib']:+.1f} in the second half",
                 )
             )
             if "http / bare with tcmalloc" in v:
@@ -251,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS + EXTRA_SECTIONS}")
+    parser.add_argument("--allocators", default="", help="allocator variants whose names hold one of these words")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -286,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                 import bench_allocator
 
                 soak, every = (50, 10) if args.quick else (1000, 100)
-                results["allocator"] = bench_allocator.run(tree, rounds=2 if args.quick else 5, soak=soak, every=every)
+                allocators = [w for w in args.allocators.split(",") if w] or None
+                results["allocator"] = bench_allocator.run(
+                    tree, rounds=2 if args.quick else 5, soak=soak, every=every, only=allocators
+                )
             elif section == "lora":
                 import bench_lora
 

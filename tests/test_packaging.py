@@ -66,3 +66,13 @@ def test_the_image_preloads_the_allocator_it_installs():
     assert f"TCMALLOC := {workarounds.TCMALLOC}" in makefile
     for name, value in environment.items():
         assert f"{name}={'$(TCMALLOC)' if name == 'LD_PRELOAD' else value}" in makefile
+
+
+def test_the_glibc_fallback_environment_has_nothing_of_tcmalloc():
+    """A server started where tcmalloc is not installed (or with preload=False: the soak's glibc run)
+    gets glibc's settings only: no preload of a missing library, no tcmalloc variables."""
+    import workarounds
+
+    fallback = workarounds.serving_environment(preload=False)
+    assert fallback == {"MALLOC_ARENA_MAX": "2"}
+    assert set(workarounds.serving_environment()) <= set(workarounds.SERVING_ENVIRONMENT)
