@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loras.fetch import Fetcher, Limits, redact_library_logs
 from loras.files import finalize_download
 from loras.sites import Endpoints, credential_for, local_file, resolve
 from loras.sources import Source, parse_source
-from loras.url_guard import Guard, Resolver
+from net.fetch import Fetcher, Limits, redact_library_logs
+from net.url_guard import Guard, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class LoraCache:
     def _download(
         self, source: Source, credential, endpoints: Endpoints, limits: Limits, dest: Path, *, operator: bool = False
     ) -> None:
-        fetcher = Fetcher(Guard.from_env(self.resolver), limits)
+        fetcher = Fetcher(Guard.from_env(self.resolver, loras=True), limits)
         what = f"LoRA {source.label}"
         plan = resolve(source, credential, fetcher, endpoints, what, operator=operator)
         fd, raw = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")

@@ -23,10 +23,10 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit
 
 from errors import UserError
-from loras.fetch import Credential, Fetcher
 from loras.files import check_safetensors, pick_lora_file
 from loras.sources import CIVITAI_DEFAULT_QUERY, Source
-from loras.url_guard import origin
+from net.fetch import Credential, Fetcher
+from net.url_guard import origin
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from errors import UserError
+from net.url_guard import redact
 
 ACCEPTED_FORMS = (
     "owner/model[/version] or https://replicate.com/owner/model[/versions/<id>] (Replicate); "
@@ -56,20 +57,6 @@ class Source:
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _REPLICATE = re.compile(rf"^/?(?P<owner>{_NAME})/(?P<name>{_NAME})(?:/(?:versions/)?(?P<version>[A-Za-z0-9]+))?/?$")
 _KNOWN_HOSTS = ("huggingface.co", "hf.co", "civitai.com", "replicate.com", "replicate.delivery")
-
-
-def redact(url: str) -> str:
-    """A URL fit for logs and errors: no query string, no user info."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        if parts.port:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # a port that is not a number
-        pass
-    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
 def _unsupported(text: str) -> UserError:

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from errors import UserError
-from loras.url_guard import Guard, embedded_ipv4, is_public, origin
+from net.url_guard import Guard, allowed_private_origins, embedded_ipv4, is_public, origin
 
 
 @pytest.mark.parametrize(
@@ -47,6 +47,12 @@ from loras.url_guard import Guard, embedded_ipv4, is_public, origin
         ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),
         ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),
         ("2001:0:7f00:1:8000:63bf:f7f7:f7f7", False),  # server 127.0.0.1
+        # gaps a review found: IPv4-translated (SIIT), site-local, a metadata service on a public address
+        ("::ffff:0:7f00:1", False),
+        ("::ffff:0:a9fe:a9fe", False),
+        ("::ffff:0:808:808", True),
+        ("fec0::1", False),
+        ("168.63.129.16", False),  # Azure's wire server
     ],
 )
 def test_is_public(address, public):
@@ -68,7 +74,7 @@ def guard(answers: list[str], calls: list, **kw) -> Guard:
 
 def test_every_address_of_a_host_must_be_public():
     calls = []
-    with pytest.raises(UserError, match=r"Refusing to fetch 'https://mixed.test/x\?…'.*LORA_ALLOW_PRIVATE_URLS"):
+    with pytest.raises(UserError, match=r"Refusing to fetch 'https://mixed.test/x\?…': its host is not a public"):
         guard(["8.8.8.8", "10.0.0.1"], calls).check("https://mixed.test/x?sig=secret")
     assert calls == [("mixed.test", 443)]
     target = guard(["8.8.8.8", "2001:4860:4860::8888"], calls).check("http://ok.test:8080/x")
@@ -89,14 +95,32 @@ def test_only_well_formed_http_urls(url):
         guard(["8.8.8.8"], []).check(url)
 
 
-def test_a_failing_or_garbage_resolver_is_a_clear_error():
+def test_an_unresolvable_host_gets_the_same_answer_as_a_private_one():
+    """Otherwise the two answers map which internal names exist."""
+
     def fails(host, port):
         raise OSError("no such host")
 
-    with pytest.raises(UserError, match="Could not resolve host 'gone.test'"):
+    unresolvable = pytest.raises(UserError)
+    with unresolvable:
         Guard(fails).check("http://gone.test/x")
+    with pytest.raises(UserError) as private:
+        guard(["10.0.0.1"], []).check("http://gone.test/x")
+    assert str(unresolvable.value) == str(private.value)
     with pytest.raises(UserError, match="Refusing"):
         guard(["not-an-address"], []).check("http://odd.test/x")
+
+
+def test_allowed_private_origins_name_the_operators_own_services_only():
+    allowed = allowed_private_origins(" http://Mirror.test:8080 , https://10.0.0.9 ")
+    assert allowed == {"http://mirror.test:8080", "https://10.0.0.9:443"}
+    check = guard(["10.0.0.5"], [], allowed_origins=allowed).check
+    assert check("http://mirror.test:8080/a.safetensors").addresses == ("10.0.0.5",)
+    for other in ("http://mirror.test:8081/a", "https://mirror.test:8080/a", "http://other.test/a"):
+        with pytest.raises(UserError, match="Refusing"):
+            check(other)
+    with pytest.raises(RuntimeError, match="ALLOWED_PRIVATE_ORIGINS"):
+        allowed_private_origins("mirror.test:8080/path")
 
 
 def test_origin():

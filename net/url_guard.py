@@ -1,4 +1,5 @@
-"""The SSRF guard: which addresses a LoRA download may reach, and connections made only to those.
+"""The SSRF guard: which addresses a fetch on a user's behalf may reach (LoRA downloads, input
+images, webhooks), and connections made only to those.
 
 A host is resolved once per request (per redirect hop); every address it resolves to is judged,
 and the connection is opened to one of those very addresses (never resolved again, so DNS
@@ -7,11 +8,16 @@ rebinding between the check and the connection cannot happen). For https the TLS
 
 An address is allowed when it is globally routable (not loopback, private, link-local, shared
 (CGNAT), reserved, multicast or a cloud metadata address). IPv6 forms that carry an IPv4 address
-(IPv4-mapped and -compatible, NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo 2001::/32) are judged by
-the IPv4 addresses inside them; the local-use NAT64 prefix 64:ff9b:1::/48 is never allowed.
+(IPv4-mapped, -translated and -compatible, NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo 2001::/32)
+are judged by the IPv4 addresses inside them; the local-use NAT64 prefix 64:ff9b:1::/48, the
+deprecated site-local fec0::/10 and the cloud metadata addresses that are globally routable
+(Azure's wire server 168.63.129.16) are never allowed. A host that does not resolve gets the same
+answer as a private one, so that the answers do not map internal names.
 
-Escapes: `LORA_ALLOW_PRIVATE_URLS=1` allows every address; `trusted=True` (for a hop to an
-endpoint the deployment configured, see loras.sites) skips judging for that hop only.
+Escapes: `ALLOWED_PRIVATE_ORIGINS` (comma-separated `scheme://host:port`) names the operator's own
+private services, reachable by every kind of fetch; `trusted=True` (for a hop to an endpoint the
+deployment configured, see loras.sites) skips judging for that hop only; `LORA_ALLOW_PRIVATE_URLS=1`
+(development only) turns judging off for LoRA downloads.
 """
 
 from __future__ import annotations
@@ -26,14 +32,31 @@ from urllib.parse import urlsplit
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from errors import UserError
-from loras.sources import redact
 
 Resolver = Callable[[str, int], list[str]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 (SIIT)
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
+# Metadata and platform services that are globally routable addresses, so that is_global misses them.
+_PUBLIC_METADATA = frozenset({ipaddress.ip_address("168.63.129.16")})
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and errors: no query string, no user info."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a port that is not a number
+        pass
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
 def resolve_host(host: str, port: int) -> list[str]:
@@ -62,16 +85,16 @@ def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address] | None:
         return [address.sixtofour]
     if address.teredo is not None:
         return list(address.teredo)  # (server, client)
-    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+    if address in _NAT64 or address in _IPV4_TRANSLATED or (address in _IPV4_COMPATIBLE and int(address) > 1):
         return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
     return None
 
 
 def is_public(address: str | IPAddress) -> bool:
-    """Whether a LoRA download may connect to `address` (see the module's docstring)."""
+    """Whether a fetch on a user's behalf may connect to `address` (see the module's docstring)."""
     if isinstance(address, str):
         address = ipaddress.ip_address(address.split("%", 1)[0])
-    if address.version == 6 and address in _NAT64_LOCAL:
+    if address in _PUBLIC_METADATA or (address.version == 6 and (address in _NAT64_LOCAL or address in _SITE_LOCAL)):
         return False
     inner = embedded_ipv4(address)
     if inner is not None:
@@ -98,14 +121,23 @@ class Target:
 class Guard:
     """Judges a URL's addresses (`check`) and opens connections only to them (`connection`)."""
 
-    def __init__(self, resolver: Resolver | None = None, *, allow_private: bool = False):
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        *,
+        allow_private: bool = False,
+        allowed_origins: frozenset[str] = frozenset(),
+    ):
         self.resolver = resolver or resolve_host
         self.allow_private = allow_private
+        self.allowed_origins = allowed_origins
 
     @classmethod
-    def from_env(cls, resolver: Resolver | None = None) -> Guard:
-        allow = os.environ.get("LORA_ALLOW_PRIVATE_URLS", "").strip().lower() in ("1", "true", "yes")
-        return cls(resolver, allow_private=allow)
+    def from_env(cls, resolver: Resolver | None = None, *, loras: bool = False) -> Guard:
+        """The guard the settings describe: ALLOWED_PRIVATE_ORIGINS for every fetch, and for LoRA
+        downloads (`loras`) also LORA_ALLOW_PRIVATE_URLS."""
+        allow = loras and os.environ.get("LORA_ALLOW_PRIVATE_URLS", "").strip().lower() in ("1", "true", "yes")
+        return cls(resolver, allow_private=allow, allowed_origins=allowed_private_origins())
 
     def check(self, url: str, *, trusted: bool = False) -> Target:
         """Resolve the URL's host once and judge every address; UserError if any is not allowed."""
@@ -124,14 +156,12 @@ class Guard:
             try:
                 addresses = list(self.resolver(host, port))
             except (OSError, UnicodeError):
-                raise UserError(f"Could not resolve host {host!r} of {redact(url)!r}.") from None
-        if not addresses:
-            raise UserError(f"Could not resolve host {host!r} of {redact(url)!r}.")
-        if not (trusted or self.allow_private) and not all(self._public(a) for a in addresses):
-            raise UserError(
-                f"Refusing to fetch {redact(url)!r}: {host} resolves to a private, loopback, link-local or "
-                "metadata address (set LORA_ALLOW_PRIVATE_URLS=1 to allow private mirrors)."
-            )
+                addresses = []
+        if not addresses:  # the same answer as for a private host: no mapping of internal names
+            raise _refused(url)
+        trusted = trusted or self.allow_private or origin(url) in self.allowed_origins
+        if not trusted and not all(self._public(a) for a in addresses):
+            raise _refused(url)
         return Target(scheme, host, port, tuple(addresses))
 
     def _public(self, address: str) -> bool:
@@ -156,3 +186,23 @@ class Guard:
                 ca_certs=ca_certs,
             )
         return HTTPConnection(address, target.port, timeout=timeout)
+
+
+def _refused(url: str) -> UserError:
+    return UserError(
+        f"Refusing to fetch {redact(url)!r}: its host is not a public Internet address (private, loopback, "
+        "link-local and metadata addresses, and names that do not resolve, are refused)."
+    )
+
+
+def allowed_private_origins(value: str | None = None) -> frozenset[str]:
+    """ALLOWED_PRIVATE_ORIGINS, normalised (`origin`); RuntimeError (the operator's to fix) for an entry
+    that is not scheme://host[:port]."""
+    value = os.environ.get("ALLOWED_PRIVATE_ORIGINS", "") if value is None else value
+    origins = set()
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        parts = urlsplit(entry)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise RuntimeError(f"ALLOWED_PRIVATE_ORIGINS: {entry!r} is not scheme://host[:port]")
+        origins.add(origin(entry))
+    return frozenset(origins)

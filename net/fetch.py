@@ -1,7 +1,7 @@
 """Guarded HTTP GETs for LoRA downloads and the API calls that find them.
 
 Every hop (the first URL and each redirect) goes through the SSRF guard and connects only to the
-address the guard checked (loras.url_guard). A credential is sent only to the one origin it
+address the guard checked (net.url_guard). A credential is sent only to the one origin it
 belongs to, never across a redirect to another host. One `Deadline` bounds everything a fetch
 does (API calls, redirects, the file): a watchdog shuts the socket down when it passes, so a
 server trickling bytes (in the headers or the body) cannot hold a worker past it. Sizes are
@@ -36,8 +36,7 @@ import urllib3
 from requests.utils import parse_header_links, requote_uri
 
 from errors import UserError
-from loras.sources import redact
-from loras.url_guard import Guard, Target, origin
+from net.url_guard import Guard, Target, origin, redact
 
 logger = logging.getLogger(__name__)
 
