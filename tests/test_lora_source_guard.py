@@ -101,8 +101,7 @@ def test_an_unresolvable_host_gets_the_same_answer_as_a_private_one():
     def fails(host, port):
         raise OSError("no such host")
 
-    unresolvable = pytest.raises(UserError)
-    with unresolvable:
+    with pytest.raises(UserError) as unresolvable:
         Guard(fails).check("http://gone.test/x")
     with pytest.raises(UserError) as private:
         guard(["10.0.0.1"], []).check("http://gone.test/x")
