@@ -1,4 +1,5 @@
-"""Guarded HTTP GETs for LoRA downloads and the API calls that find them.
+"""Guarded HTTP for every fetch made on a user's behalf: LoRA downloads and the API calls that find
+them, input images given as URLs, and webhook deliveries.
 
 Every hop (the first URL and each redirect) goes through the SSRF guard and connects only to the
 address the guard checked (net.url_guard). A credential is sent only to the one origin it
@@ -200,7 +201,7 @@ class Fetcher:
             headers = {"User-Agent": USER_AGENT, "Host": target.host_header, "Accept-Encoding": "identity"}
             if credential is not None and origin(url) == credential.origin:
                 headers["Authorization"] = credential.header
-            response = self._get(target, url, headers, what)
+            response = self._send("GET", target, url, headers, what)
             location = response.headers.get("location")
             if response.status in REDIRECT_CODES and location:
                 response.close()
@@ -243,9 +244,35 @@ class Fetcher:
         if length.isdigit() and size != int(length):
             raise UserError(f"{what}: the download was cut short ({size:,} of {int(length):,} bytes).")
 
+    def read(self, url: str, what: str, cap: int) -> tuple[bytes, str]:
+        """(body, Content-Type) of GET `url`, at most `cap` bytes (as sent: never decompressed)."""
+        with self.open(url, what) as response:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > cap:
+                raise UserError(f"{what}: the file is {int(length):,} bytes, over the {cap:,}-byte limit.")
+            body = bytearray()
+            for chunk in response.chunks(what):
+                body += chunk
+                if len(body) > cap:
+                    raise UserError(f"{what}: the file is over the {cap:,}-byte limit.")
+            return bytes(body), response.headers.get("content-type", "")
+
+    def post(self, url: str, body: bytes, headers: dict[str, str], what: str) -> int:
+        """POST `body` to `url` (no redirects followed) and return the status; UserError when the
+        address is refused or the exchange fails. The answer's body is read at most up to 64 KiB."""
+        url = requote_uri(url)
+        target = self.guard.check(url)
+        headers = {"User-Agent": USER_AGENT, "Host": target.host_header, **headers}
+        with self._send("POST", target, url, headers, what, body) as response:
+            for read, _ in zip(response.chunks(what, 16 << 10), range(4), strict=False):
+                del read
+            return response.status
+
     # ---- one hop
 
-    def _get(self, target: Target, url: str, headers: dict[str, str], what: str) -> Response:
+    def _send(
+        self, method: str, target: Target, url: str, headers: dict[str, str], what: str, body: bytes | None = None
+    ) -> Response:
         parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for i, address in enumerate(target.addresses):
@@ -272,7 +299,7 @@ class Fetcher:
                 watchdog.sockets.append(conn.sock)
                 conn.timeout = self.limits.timeout  # per read from here on; the watchdog bounds the total
                 with self.network_errors(what, pending):
-                    conn.request("GET", path, headers=headers, preload_content=False, decode_content=False)
+                    conn.request(method, path, body=body, headers=headers, preload_content=False, decode_content=False)
                     raw = conn.getresponse()
                 return Response(conn, raw, watchdog, url, self)
             except BaseException:
