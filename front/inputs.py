@@ -54,7 +54,8 @@ class Prediction:
     """A checked request: what the front records and what it sends to Cog."""
 
     id: str | None
-    input: dict  # with file fields as data URIs
+    given: dict  # the input as the client sent it (known fields only): what the record shows
+    input: dict  # what Cog gets: file fields as data URIs
     webhook: str | None
     webhook_events_filter: list[str] | None
 
@@ -93,10 +94,11 @@ def check_prediction(
         raise RequestError(
             422, f"webhook_events_filter must be a list of {', '.join(EVENTS)}.", ("webhook_events_filter",)
         )
+    given = dict(inputs)
     for name in schema.file_fields:
         if inputs.get(name) is not None:
             inputs[name] = file_input(name, inputs[name], guard, max_file_bytes, timeout_s)
-    return Prediction(prediction_id, inputs, webhook, list(dict.fromkeys(events)) if events is not None else None)
+    return Prediction(prediction_id, given, inputs, webhook, list(dict.fromkeys(events)) if events is not None else None)
 
 
 def check_webhook(url, guard: Guard) -> str | None:

@@ -93,7 +93,7 @@ class Predictions:
         record = Record(
             id=request.id or new_id(),
             tenant=tenant,
-            input=self.schema.redacted(request.input),
+            input=self.schema.redacted(request.given),
             webhook=request.webhook,
             webhook_events_filter=request.webhook_events_filter,
             front=self.name,

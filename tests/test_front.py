@@ -1,0 +1,269 @@
+"""The public front over real HTTP: what a stranger sends never reaches Cog unchecked (issue: the
+public front), prediction records, tenants. Each test talks to `python -m front` as `make serve`
+runs it, with its real Cog server behind it on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.cog_server import data_uri, decode_data_uri, png_bytes
+from tests.front_server import FrontServer
+from tests.receivers import Receiver
+
+SMALL = {"prompt": "an ascii cat", "num_inference_steps": 2, "aspect_ratio": "custom", "width": 256, "height": 256}
+TOKEN_A, TOKEN_B = "tenant-a-" + "a" * 24, "tenant-b-" + "b" * 24
+A, B = {"Authorization": f"Bearer {TOKEN_A}"}, {"Authorization": f"Bearer {TOKEN_B}"}
+
+
+def isolated_network() -> bool:
+    """Only loopback here (an empty network namespace, as .ci/run provides): a test may name other
+    addresses, since nothing can leave."""
+    return sorted(os.listdir("/sys/class/net")) == ["lo"]
+
+
+needs_isolation = pytest.mark.skipif(not isolated_network(), reason="names non-loopback addresses: empty netns only")
+
+
+@pytest.fixture(scope="module")
+def rx():
+    with Receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def front(tiny_weights, rx):
+    env = {"ALLOWED_PRIVATE_ORIGINS": rx.url, "MAX_INPUT_FILE_BYTES": str(200_000)}
+    with FrontServer(tiny_weights, env=env) as server:
+        server.wait_ready()
+        yield server
+
+
+def refused(response: requests.Response, *field: str) -> str:
+    """The message of a 422 that names `field` (Cog's detail shape)."""
+    assert response.status_code == 422, response.text[:300]
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", *field], detail
+    return detail["msg"]
+
+
+def test_a_prediction_through_the_front_is_cogs_answer(front):
+    response = front.post({"input": SMALL})
+    assert response.status_code == 200, response.text[:300]
+    body = response.json()
+    assert body["status"] == "succeeded" and body["input"] == SMALL
+    mime, data = decode_data_uri(body["output"][0])
+    assert mime == "image/webp" and data[:4] == b"RIFF"
+    assert front.get(body["id"]).json()["output"] == body["output"]
+
+
+def test_cogs_own_routes_are_not_reachable(front):
+    for method, path in [("POST", "/shutdown"), ("GET", "/shutdown"), ("POST", "/trainings"), ("GET", "/docs")]:
+        assert requests.request(method, front.url + path, timeout=10).status_code in (404, 405), path
+    assert front.post({"input": SMALL}).status_code == 200  # still serving
+
+
+def test_a_webhook_to_the_server_itself_is_refused_before_any_work(front):
+    """The attack: one anonymous request whose webhook is Cog's /shutdown stopped the server."""
+    before = requests.get(front.url + "/predictions", timeout=10).json()["results"]
+    for url in (f"{front.url}/shutdown", "http://localhost:5000/shutdown", "http://[::1]:5000/shutdown"):
+        response = front.post({"input": SMALL, "webhook": url}, headers={"Prefer": "respond-async"})
+        assert "Refusing" in refused(response, "webhook")
+    assert requests.get(front.url + "/predictions", timeout=10).json()["results"] == before  # nothing recorded
+    assert requests.get(front.url + "/health-check", timeout=10).json()["status"] == "READY"
+
+
+@needs_isolation
+@pytest.mark.parametrize(
+    "url",
+    ["http://10.0.0.1/hook", "http://169.254.169.254/latest/meta-data/", "http://168.63.129.16/", "http://[fec0::1]/"],
+)
+def test_webhooks_to_internal_addresses_are_refused(front, url):
+    response = front.post({"input": SMALL, "webhook": url}, headers={"Prefer": "respond-async"})
+    assert "Refusing" in refused(response, "webhook")
+
+
+def test_webhooks_are_delivered_by_the_front_to_an_allowed_origin(front, rx):
+    prediction_id = uuid.uuid4().hex
+    body = {"id": prediction_id, "input": SMALL, "webhook": rx.webhook_url}
+    response = front.post(body, headers={"Prefer": "respond-async"})
+    assert response.status_code == 202 and response.json()["status"] == "starting"
+    final = rx.wait_webhook(prediction_id)
+    assert final["status"] == "succeeded" and final["output"][0].startswith("data:image/webp")
+    assert rx.webhooks_for(prediction_id)[0]["status"] == "starting"
+    # the filter keeps only the terminal event
+    only = uuid.uuid4().hex
+    body = {"id": only, "input": SMALL, "webhook": rx.webhook_url, "webhook_events_filter": ["completed"]}
+    assert front.post(body, headers={"Prefer": "respond-async"}).status_code == 202
+    rx.wait_webhook(only)
+    time.sleep(0.5)
+    assert [w["status"] for w in rx.webhooks_for(only)] == ["succeeded"]
+
+
+@pytest.mark.parametrize("field", ["image", "mask"])
+def test_server_paths_are_refused_alike_whether_or_not_they_exist(front, field, tmp_path):
+    existing = tmp_path / "secret.png"
+    existing.write_bytes(png_bytes((256, 256)))
+    image = {"image": data_uri(png_bytes((256, 256)))} if field == "mask" else {}
+    messages = set()
+    for value in (str(existing), "/etc/passwd", "/no/such/file.png", f"file://{existing}", "../x.png"):
+        messages.add(refused(front.post({"input": {**SMALL, **image, field: value}}), "input", field))
+    assert len(messages) == 1, messages
+    assert "server paths" in messages.pop()
+
+
+def test_image_urls_are_fetched_by_the_front_through_the_guard(front, rx):
+    picture = png_bytes((256, 256), color=(20, 200, 20))
+    url = rx.serve("green.png", picture, "image/png")
+    response = front.post({"input": {**SMALL, "image": url, "prompt_strength": 0.5}})
+    assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text[:300]
+    # the record shows what the client sent: the data it was turned into stays between front and Cog
+    assert response.json()["input"]["image"] == url
+    # a loopback URL that is not the allowed origin: refused, never fetched
+    other = Receiver()
+    with other:
+        other.serve("x.png", picture, "image/png")
+        message = refused(front.post({"input": {**SMALL, "image": f"{other.url}/files/x.png"}}), "input", "image")
+        assert "Refusing" in message and other.requests == []
+
+
+def test_image_downloads_are_capped_in_bytes(front, rx):
+    """MAX_INPUT_FILE_BYTES is 200,000 here; a larger answer (or one that says it is) stops the download."""
+    url = rx.serve("big.png", b"\x89PNG" + os.urandom(300_000), "image/png")
+    assert "limit" in refused(front.post({"input": {**SMALL, "image": url}}), "input", "image")
+    big = data_uri(b"\x89PNG" + os.urandom(300_000))
+    assert "limit" in refused(front.post({"input": {**SMALL, "image": big}}), "input", "image")
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length(front):
+    """413 from the header alone: the body is never sent, and the answer comes at once."""
+    with socket.create_connection(("127.0.0.1", front.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n"
+        )
+        answer = sock.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+
+
+def test_bad_bodies_are_answered_as_cog_answers_them(front):
+    assert requests.post(front.url + "/predictions", data=b"{not json", timeout=10).status_code == 400
+    assert refused(front.post({}), "input") == "Field required"
+    assert refused(front.post({"input": {}}), "input", "prompt") == "Field required"
+    assert "less than or equal" in refused(front.post({"input": {**SMALL, "num_outputs": 9}}), "input", "num_outputs")
+    assert refused(front.post({"input": SMALL, "id": "../../x"}), "id")
+
+
+def test_records_are_kept_and_listed_newest_first(front):
+    ids = [uuid.uuid4().hex for _ in range(2)]
+    for prediction_id in ids:
+        response = front.post({"id": prediction_id, "input": {**SMALL, "hf_api_token": "hf_secret_value_123"}})
+        assert response.json()["input"]["hf_api_token"] == "**********"
+    listed = [r["id"] for r in requests.get(front.url + "/predictions", timeout=10).json()["results"]]
+    assert listed[:2] == ids[::-1]
+    record = front.get(ids[0]).json()
+    assert record["status"] == "succeeded" and record["completed_at"] >= record["started_at"] >= record["created_at"]
+    assert "hf_secret_value_123" not in json.dumps(record)
+    assert front.get("no-such-prediction").status_code == 404
+
+
+def test_the_schema_keeps_cogs_input_and_output_exactly(front):
+    ours = requests.get(front.url + "/openapi.json", timeout=10).json()
+    cog = json.loads((Path(__file__).resolve().parent.parent / ".cog" / "openapi_schema.json").read_text())
+    for name in ("Input", "Output"):
+        assert ours["components"]["schemas"][name] == cog["components"]["schemas"][name]
+    assert "/shutdown" not in ours["paths"]
+    documented = set(ours["paths"]["/predictions"]["post"]["responses"])
+    assert {"200", "202", "400", "409", "413", "422", "429", "503"} <= documented
+
+
+def test_health_check_shows_no_setup_logs(front):
+    health = requests.get(front.url + "/health-check", timeout=10).json()
+    assert health["status"] == "READY" and "logs" not in health.get("setup", {})
+
+
+# ---- tenants
+
+
+@pytest.fixture(scope="module")
+def tenants_front(tiny_weights):
+    with FrontServer(tiny_weights, env={"API_TOKENS": f"{TOKEN_A},{TOKEN_B}"}) as server:
+        server.wait_ready()
+        yield server
+
+
+def test_tokens_are_required_and_predictions_belong_to_their_tenant(tenants_front):
+    front = tenants_front
+    assert front.post({"input": SMALL}).status_code == 401
+    assert front.post({"input": SMALL}, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+    prediction_id = uuid.uuid4().hex
+    response = front.post({"id": prediction_id, "input": SMALL}, headers=A)
+    assert response.status_code == 200 and response.json()["status"] == "succeeded"
+    assert front.get(prediction_id, headers=A).status_code == 200
+    assert front.get(prediction_id, headers=B).status_code == 404
+    assert front.get(prediction_id).status_code == 401
+    cancel = requests.post(f"{front.url}/predictions/{prediction_id}/cancel", headers=B, timeout=10)
+    assert cancel.status_code == 404
+    put = requests.put(f"{front.url}/predictions/{prediction_id}", json={"input": SMALL}, headers=B, timeout=30)
+    assert put.status_code == 409  # refused, never merged
+    assert requests.get(front.url + "/predictions", headers=B, timeout=10).json()["results"] == []
+    mine = requests.get(front.url + "/predictions", headers=A, timeout=10).json()["results"]
+    assert [r["id"] for r in mine] == [prediction_id]
+    # a repeated PUT by its owner is idempotent: the same prediction, not a new one
+    again = requests.put(f"{front.url}/predictions/{prediction_id}", json={"input": SMALL}, headers=A, timeout=30)
+    assert again.status_code == 200 and again.json()["output"] == response.json()["output"]
+
+
+def test_an_open_front_says_so(front):
+    assert "API_TOKENS is not set" in front.logs()
+
+
+# ---- no prediction lost
+
+
+def test_a_prediction_whose_cog_server_dies_ends_failed_and_the_next_succeeds(tiny_weights, rx):
+    import psutil
+
+    with FrontServer(tiny_weights, env={"ALLOWED_PRIVATE_ORIGINS": rx.url}) as front:
+        front.wait_ready()
+        prediction_id = uuid.uuid4().hex
+        slow = {**SMALL, "num_inference_steps": 50, "width": 1024, "height": 1024}
+        body = {"id": prediction_id, "input": slow, "webhook": rx.webhook_url}
+        assert front.post(body, headers={"Prefer": "respond-async"}).status_code == 202
+        deadline = time.monotonic() + 30
+        while front.get(prediction_id).json()["status"] != "processing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        cog = psutil.Process(front.cog_pid())
+        for process in [cog, *cog.children(recursive=True)]:
+            process.kill()
+        record = front.wait_done(prediction_id, timeout=30)
+        assert record["status"] == "failed" and "retry" in record["error"], record["error"]
+        assert rx.wait_webhook(prediction_id, timeout=30)["status"] == "failed"
+        front.wait_ready(timeout=120)  # the front restarted its Cog server
+        response = front.post({"input": SMALL})
+        assert response.status_code == 200 and response.json()["status"] == "succeeded"
+
+
+def test_records_survive_a_restart_and_in_flight_ones_end_failed(tiny_weights, tmp_path):
+    state = tmp_path / "state"
+    with FrontServer(tiny_weights, state_dir=state) as front:
+        front.wait_ready()
+        done = front.post({"input": SMALL}).json()
+        running = uuid.uuid4().hex
+        slow = {**SMALL, "num_inference_steps": 50, "width": 1024, "height": 1024}
+        assert front.post({"id": running, "input": slow}, headers={"Prefer": "respond-async"}).status_code == 202
+        time.sleep(0.5)
+        front.kill()  # SIGKILL: no clean stop
+    with FrontServer(tiny_weights, state_dir=state) as front:
+        front.wait_ready()
+        assert front.get(done["id"]).json()["output"] == done["output"]
+        record = front.get(running).json()
+        assert record["status"] == "failed" and "restarted" in record["error"]
