@@ -200,6 +200,7 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         with user_errors(), self.heap:
             # 1. Check inputs; pick the mode, the pipeline, the sizes and the seeds.
+            self.inputs.check_local(image=image, mask=mask)
             self.inputs.sweep(keep=[image, mask])
             traits = self.models.traits(model)
             request = check_inputs(

@@ -18,9 +18,14 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +255,23 @@ class InputDownloads:
         self.folder.mkdir(mode=0o700, exist_ok=True)
         atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
         tempfile.tempdir = str(self.folder)
+        exit_on_sigterm(self.root)
         self.active = True
         return self.folder
+
+    def check_local(self, **files: Path | None) -> None:
+        """Defence in depth for the Cog server reached without the front (Replicate's platform, `make
+        serve-cog`): coglet hands any input string that is not a URL to run() as a local path
+        (FACTS.md). In Cog's worker a file input must be one Cog downloaded into this worker's folder;
+        anything else is refused with one message, whether or not it exists (never opened, never
+        looked up). Outside Cog's worker (tests, scripts/cog_predict.py) local files are the caller's."""
+        if not self.active:
+            return
+        for name, path in files.items():
+            if path is not None and Path(os.path.abspath(path)).parent != self.folder:
+                raise UserError(
+                    f"{name} must be a data: URI or an http(s) URL; server paths and other schemes are not accepted."
+                )
 
     def sweep(self, keep: list[Path | None]) -> int:
         """As a prediction starts: remove earlier predictions' leftover downloads, never the files in
@@ -271,6 +291,39 @@ class InputDownloads:
         if removed:
             logger.info("removed %d input file(s) left by failed downloads", removed)
         return removed
+
+
+def exit_on_sigterm(root: Path) -> None:
+    """A SIGTERM sent to the worker itself (systemd's control-group stop, `kill -- -PGID`) ends it by
+    the default action, which runs no exit handler: the worker's folders in `root` stayed. Where
+    nothing else handles SIGTERM, a thread of ours hears it (through Python's wakeup fd, which the
+    signal's C handler writes at once, even while the main thread is inside coglet's Rust code),
+    removes this process's folders, and ends the process (status 143, as a shell reports SIGTERM). Can go when
+    coglet's worker exits through Python on SIGTERM (tests/test_front.py's SIGTERM test passes
+    without this)."""
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the work is the thread's
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        with reader, writer:  # the thread holds both ends for the life of the process
+            while (received := reader.recv(1)) and received[0] != signal.SIGTERM:
+                pass
+        if received:
+            remove_folders_of(os.getpid(), root)
+            os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sigterm-cleanup", daemon=True).start()
+
+
+def remove_folders_of(pid: int, root: Path) -> None:
+    for entry in root.glob(f"flux-*-{pid}*"):
+        match = WORKER_FOLDER.match(entry.name)
+        if match is not None and int(match.group(1)) == pid and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def remove_dead_workers_folders(root: Path) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.cog_server import data_uri, decode_data_uri, png_bytes
+from tests.cog_server import _running, data_uri, decode_data_uri, png_bytes
 from tests.front_server import FrontServer
 from tests.receivers import Receiver
 
@@ -26,7 +26,7 @@ A, B = {"Authorization": f"Bearer {TOKEN_A}"}, {"Authorization": f"Bearer {TOKEN
 def isolated_network() -> bool:
     """Only loopback here (an empty network namespace, as .ci/run provides): a test may name other
     addresses, since nothing can leave."""
-    return sorted(os.listdir("/sys/class/net")) == ["lo"]
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
 
 
 needs_isolation = pytest.mark.skipif(not isolated_network(), reason="names non-loopback addresses: empty netns only")
@@ -267,3 +267,35 @@ def test_records_survive_a_restart_and_in_flight_ones_end_failed(tiny_weights, t
         assert front.get(done["id"]).json()["output"] == done["output"]
         record = front.get(running).json()
         assert record["status"] == "failed" and "restarted" in record["error"]
+
+
+# ---- the Cog server alone (what Replicate's platform calls): defence in depth
+
+
+def test_cog_alone_refuses_server_paths_alike(cog_server, tmp_path):
+    existing = tmp_path / "secret.png"
+    existing.write_bytes(png_bytes((256, 256)))
+    errors = set()
+    for value in (str(existing), "/etc/passwd", "/no/such/file.png"):
+        body = cog_server.predict({**SMALL, "image": value, "prompt_strength": 0.01}).json()
+        assert body["status"] == "failed" and not body.get("output"), body
+        errors.add(body["error"])
+    assert len(errors) == 1 and "server paths" in errors.pop()
+
+
+def test_a_worker_stopped_by_sigterm_leaves_no_folders(tiny_weights, tmp_path):
+    import signal as signals
+
+    from tests.cog_server import CogServer
+
+    with CogServer(tiny_weights, env={"TMPDIR": str(tmp_path)}) as server:
+        server.wait_for("READY", timeout=180)
+        assert server.predict(SMALL).json()["status"] == "succeeded"
+        worker = server.worker()
+        assert sorted(p.name.split("-")[1] for p in tmp_path.glob("flux-*")) == ["inputs", "out"]
+        worker.send_signal(signals.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(worker)
+        assert [p.name for p in tmp_path.glob("flux-*")] == []
