@@ -8,7 +8,7 @@ DIR ?= weights
 PORT ?= 5000
 TINY := .tiny-weights
 
-.PHONY: install demo test soak serve tiny-weights schema lint bench clean
+.PHONY: install demo test soak serve serve-cog tiny-weights schema lint bench clean
 
 # Idempotent: re-running only installs what changed (the stamp follows pyproject.toml).
 install: $(VENV)/.installed
@@ -36,13 +36,19 @@ test: install
 soak: install
 	$(BIN)/python -m pytest -q -m slow tests/test_soak.py -s
 
-# The real Cog HTTP server, as the container runs it, on the weights in FLUX_WEIGHTS_DIR; with the
-# image's allocator environment (cog.yaml), the tcmalloc preload only where Debian's
-# libtcmalloc-minimal4 is installed (else glibc's malloc, 2 arenas, workarounds.HeapTrim).
+# The public front on $(PORT) (front/: what strangers may reach), with one Cog server behind it on a
+# loopback port, on the weights in FLUX_WEIGHTS_DIR; with the image's allocator environment
+# (cog.yaml), the tcmalloc preload only where Debian's libtcmalloc-minimal4 is installed (else
+# glibc's malloc, 2 arenas, workarounds.HeapTrim).
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 PRELOAD := MALLOC_ARENA_MAX=2 $(if $(wildcard $(TCMALLOC)),LD_PRELOAD=$(TCMALLOC) TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776 TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES=8388608)
 serve: install
-	$(PRELOAD) COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http
+	$(PRELOAD) PORT=$(PORT) $(BIN)/python -m front
+
+# Cog's own server alone, as the container runs it (local development; what Replicate's platform
+# calls). On 127.0.0.1: it must never face strangers (README, "The public front").
+serve-cog: install
+	$(PRELOAD) COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) $(BIN)/python -m cog.server.http --host 127.0.0.1
 
 # The same API on REPLICAS Cog servers behind Ray Serve, routed by LoRA (cluster/): a local Ray
 # instance in the foreground, one GPU per replica where Ray finds GPUs; Ctrl-C stops all of it.

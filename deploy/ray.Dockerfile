@@ -7,5 +7,5 @@
 ARG COG_IMAGE=flux-lora
 FROM ${COG_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/* \
-    && python -m pip install --no-cache-dir "ray[serve]==2.60.0" "httpx2==2.16.2"
+    && python -m pip install --no-cache-dir "ray[serve]==2.60.0"
 WORKDIR /src

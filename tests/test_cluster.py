@@ -489,12 +489,28 @@ def test_the_rayservice_matches_kuberays_crd_and_rays_serve_schema():
     assert workers["maxReplicas"] >= args.max_replicas
 
 
-def test_the_probes_read_the_health_checks_status(cog_server):
+def test_the_plain_manifests_expose_only_the_front():
     (deployment,) = [d for d in documents("kubernetes.yaml") if d["kind"] == "Deployment"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    startup, readiness = container["startupProbe"], container["readinessProbe"]
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"front", "cog"}
+    front, cog = containers["front"], containers["cog"]
+    assert front["command"][:3] == ["python", "-m", "front"] and "http://127.0.0.1:5001" in front["command"]
+    assert cog["command"] == ["python", "-m", "cog.server.http", "--host", "127.0.0.1"]
+    assert "ports" not in cog and {e["name"]: e.get("value") for e in cog["env"]}["PORT"] == "5001"
+    (service,) = [d for d in documents("kubernetes.yaml") if d["kind"] == "Service"]
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http" and [p["name"] for p in front["ports"]] == ["http"]
+    tokens = {e["name"]: e for e in front["env"]}["API_TOKENS"]
+    assert tokens["valueFrom"]["secretKeyRef"]["name"] == "flux-lora"  # from a Secret, never inline
+
+
+def test_the_probes_read_the_health_checks_status(cog_server):
+    cog_server.wait_for("READY")
+    (deployment,) = [d for d in documents("kubernetes.yaml") if d["kind"] == "Deployment"]
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    startup, readiness = containers["front"]["startupProbe"], containers["front"]["readinessProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60  # weights download + compile
-    for probe in (startup, readiness):
+    for probe in (startup, readiness, containers["cog"]["startupProbe"]):
         command = [sys.executable if part == "python" else part for part in probe["exec"]["command"]]
         env = {**os.environ, "PORT": str(cog_server.port)}
         assert subprocess.run(command, env=env, timeout=30).returncode == 0  # READY
@@ -510,4 +526,4 @@ def test_the_ray_image_installs_the_cluster_extra():
     for requirement in extra:
         assert f'"{requirement}"' in dockerfile, f"deploy/ray.Dockerfile does not install {requirement}"
     packages = yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]["python_packages"]
-    assert not [p for p in packages if p.split("[")[0].split("=")[0] in ("ray", "httpx2")], "the Cog image has no Ray"
+    assert not [p for p in packages if p.split("[")[0].split("=")[0] == "ray"], "the Cog image has no Ray"
