@@ -98,7 +98,8 @@ def check_prediction(
     for name in schema.file_fields:
         if inputs.get(name) is not None:
             inputs[name] = file_input(name, inputs[name], guard, max_file_bytes, timeout_s)
-    return Prediction(prediction_id, given, inputs, webhook, list(dict.fromkeys(events)) if events is not None else None)
+    events = list(dict.fromkeys(events)) if events is not None else None
+    return Prediction(prediction_id, given, inputs, webhook, events)
 
 
 def check_webhook(url, guard: Guard) -> str | None:
