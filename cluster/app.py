@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
-from cluster.ingress import CogIngress, IngressSettings
+from cluster.ingress import CogIngress
 from cluster.replica import CogReplica, ReplicaSettings
 from cluster.router import LoraAffinityRouter
 
@@ -50,6 +50,10 @@ class ClusterArgs(BaseModel):
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica finishes its prediction")
     unavailable_retry_s: float = Field(30, ge=0, description="how long requests are re-sent past dead Cog servers")
+    state_dir: str | None = Field(None, description="the front's prediction records (default FRONT_STATE_DIR)")
+    prediction_store: str | None = Field(
+        None, description="redis://… to share records (default PREDICTION_STORE; secrets belong in the environment)"
+    )
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ClusterArgs:
@@ -99,8 +103,17 @@ def build(args: ClusterArgs) -> serve.Application:
         )
     )
     ingress = CogIngress.options(
-        num_replicas=1,  # it holds the table of running predictions (cancel, repeated PUT)
+        num_replicas=1,  # the front: it holds the queue and the running predictions (cancel, repeated PUT)
         max_ongoing_requests=10_000,  # it only waits on replicas
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(replicas, IngressSettings(affinity=args.affinity, unavailable_retry_s=args.unavailable_retry_s))
+    most = args.num_replicas or args.max_replicas
+    front = {
+        "capacity": args.max_queued_requests + most,  # handed to Ray's router at once; the rest wait in the front
+        "max_queued": args.max_queued_requests,
+        "affinity": args.affinity,
+        "unavailable_retry_s": args.unavailable_retry_s,
+        "state_dir": args.state_dir,
+        "store": args.prediction_store,
+    }
+    return ingress.bind(replicas, front)

@@ -141,7 +141,7 @@ async def _answer(request: Request, front: Front, prediction_id: str, respond_as
         record = await front.predictions.wait(prediction_id, gone)
     finally:
         watcher.cancel()
-    return JSONResponse(record.public())
+    return JSONResponse(record.public(), headers={"X-Cluster-Replica": record.replica} if record.replica else None)
 
 
 async def get(request: Request, prediction_id: str) -> Response:

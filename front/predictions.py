@@ -11,7 +11,10 @@ front of the backend, and the events sent to clients' webhooks. Every accepted p
 - the front itself stopped: at its next start, its records still in flight are `failed` the same
   way (their webhooks get that terminal event).
 
-The queue is bounded (`max_queued`): past it a create is refused (429) before anything is recorded.
+The queue is bounded (`max_queued` predictions accepted and not yet started on a model server,
+wherever they wait: here or in the cluster's router): past it a create is refused (429) before
+anything is recorded. A prediction is `processing` from the moment a model server starts it (the
+`start` webhook event), as on Cog.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class _Job:
     inputs: dict  # as sent to the backend (secrets included: kept in memory only)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     cancel: bool = False
-    running: bool = False
+    running: bool = False  # handed to the backend
+    placed: bool = False  # a model server has started it (the backend's `processing` event)
 
 
 class Predictions:
@@ -87,7 +91,7 @@ class Predictions:
     # ---- what the routes call
 
     async def create(self, tenant: str, request: Prediction) -> Record:
-        queued = sum(1 for job in self.jobs.values() if not job.running)
+        queued = sum(1 for job in self.jobs.values() if not job.placed)
         if queued >= self.max_queued:
             raise RequestError(429, f"Too many predictions are waiting ({queued}); retry in a few seconds.")
         record = Record(
@@ -101,7 +105,6 @@ class Predictions:
         if not await asyncio.to_thread(self.store.add, record):
             raise RequestError(409, f"Prediction id {record.id!r} is taken: choose another id.")
         self.jobs[record.id] = _Job(record, request.input)
-        self._notify(record, "start")
         self.queue.put_nowait(record.id)
         return record
 
@@ -149,8 +152,8 @@ class Predictions:
             return record
         job.cancel = True
         if job.running:
-            await self.backend.cancel(prediction_id)
-        else:
+            await self.backend.cancel(prediction_id)  # a backend cancels one not yet started once it starts
+        if not job.placed:
             await self._finish(job, CANCELED)
         return job.record
 
@@ -159,6 +162,12 @@ class Predictions:
         job = self.jobs.get(prediction_id)
         if job is None or job.record.done or not isinstance(payload, dict):
             return
+        if not job.placed and payload.get("status") in (PROCESSING, *TERMINAL):
+            job.placed = True
+            job.record.advance(PROCESSING)
+            await asyncio.to_thread(self.store.put, job.record)
+            self._notify(job.record, "start")
+            job.changed.set()
         logs = payload.get("logs")
         if isinstance(logs, str) and logs != job.record.logs:
             job.record.logs = logs
@@ -178,9 +187,6 @@ class Predictions:
     async def _run(self, job: _Job) -> None:
         deadline = time.monotonic() + self.unavailable_retry_s
         job.running = True
-        job.record.advance(PROCESSING)
-        await asyncio.to_thread(self.store.put, job.record)
-        job.changed.set()
         while True:
             try:
                 answer = await self.backend.run(job.record.id, job.inputs, lambda p: self.on_event(job.record.id, p))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 MIB = 1 << 20
@@ -76,6 +76,11 @@ class FrontSettings:
     max_queued: int = 64  # MAX_QUEUED_PREDICTIONS: accepted but not started; more get 429
     unavailable_retry_s: float = 60.0  # how long a prediction waits for a Cog server that is down
     tenants: Tenants = field(default_factory=Tenants)
+
+    def with_changes(self, **changes) -> FrontSettings:
+        if "state_dir" in changes:
+            changes["state_dir"] = Path(changes["state_dir"])
+        return replace(self, **changes)
 
     @property
     def max_body_bytes(self) -> int:
