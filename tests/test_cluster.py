@@ -511,6 +511,19 @@ def test_the_plain_manifests_expose_only_the_front():
     assert tokens["valueFrom"]["secretKeyRef"]["name"] == "flux-lora"  # from a Secret, never inline
 
 
+def test_the_rayservice_exposes_only_the_front_and_keeps_secrets_in_secrets():
+    (service,) = documents("rayservice.yaml")
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] not in ("0.0.0.0", "::")
+    env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
+    for name in ("API_TOKENS", "PREDICTION_STORE"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "flux-lora"
+    config = service["spec"]["serveConfigV2"]
+    assert "token" not in config.lower() and "redis://" not in config
+    (application,) = yaml.safe_load(config)["applications"]
+    assert application["route_prefix"] == "/" and application["import_path"] == "cluster.app:build"
+
+
 def test_the_probes_read_the_health_checks_status(cog_server):
     cog_server.wait_for("READY")
     (deployment,) = [d for d in documents("kubernetes.yaml") if d["kind"] == "Deployment"]
