@@ -131,9 +131,11 @@ def pick_lora_file(names: list[str], where: str) -> str:
 
 
 def extract_tar(archive: Path, dest: Path, cap: int, what: str) -> None:
-    """Copy the one LoRA file of a tar (regular members only; never extracted to their own paths)."""
+    """Copy the one LoRA file of an uncompressed tar (what Replicate writes): regular members only,
+    never extracted to their own paths, the member's size checked from its header before any copy.
+    Compressed tars are refused: a 46 KB .tar.xz can expand to hundreds of MB outside any deadline."""
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive, mode="r:") as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             name = pick_lora_file(sorted(members), f"{what}: the archive")
             member = members[name]
@@ -146,6 +148,13 @@ def extract_tar(archive: Path, dest: Path, cap: int, what: str) -> None:
         raise UserError(f"{what}: the archive is damaged or truncated.") from None
 
 
+def _compressed(path: Path) -> bool:
+    """gzip, bzip2, xz or zstd, by their magic numbers."""
+    with open(path, "rb") as file:
+        head = file.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"))
+
+
 def finalize_download(raw: Path, dest: Path, cap: int, what: str) -> None:
     """Check a downloaded file (a safetensors, or a tar holding one) and move it to `dest` atomically."""
     try:
@@ -154,6 +163,8 @@ def finalize_download(raw: Path, dest: Path, cap: int, what: str) -> None:
         return
     except UserError as e:
         first_error = e
+    if _compressed(raw):
+        raise UserError(f"{what}: a compressed archive is not accepted; give the .safetensors file or a plain tar.")
     if tarfile.is_tarfile(raw):
         inner = raw.with_suffix(".inner")
         try:

@@ -125,3 +125,25 @@ def test_tar_members(tmp_path):
     with pytest.raises(UserError, match="the archive's file is not a safetensors file"):
         finalize_download(archive, tmp_path / "y.safetensors", 1 << 20, "LoRA t")
     assert not (tmp_path / "y.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_compressed_archives_are_refused_before_anything_is_expanded(tmp_path, mode):
+    """A 46 KB .tar.xz wrote 300 MB in 1.4 s, outside the download deadline: only plain tars (what
+    Replicate writes) are opened."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        data = b"\0" * (8 << 20)  # 8 MiB of zeros: a few KB compressed
+        info = tarfile.TarInfo("lora.safetensors")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive = write(tmp_path, buffer.getvalue(), "t.tar")
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(UserError, match="compressed archive is not accepted"):
+        finalize_download(archive, tmp_path / "z.safetensors", 1 << 30, "LoRA t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tar"]  # nothing was written
+    with pytest.raises(UserError, match="damaged"):
+        extract_tar(archive, tmp_path / "x", 1 << 30, "LoRA t")
