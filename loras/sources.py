@@ -163,6 +163,7 @@ def _huggingface(parts, text: str) -> Source:
         filename = "/".join(rest)
     elif rest:
         folder = "/".join(rest)
+    _check_hub_names(repo, revision, filename or folder, text)
     where = filename or (folder + "/" if folder else "")
     label = f"huggingface.co/{repo}" + (f"@{revision}" if revision != "main" else "") + (f":{where}" if where else "")
     return Source(
@@ -174,6 +175,24 @@ def _huggingface(parts, text: str) -> Source:
         filename=filename,
         folder=folder,
     )
+
+
+def _check_hub_names(repo: str, revision: str, path: str, text: str) -> None:
+    """Names as the hub accepts them (its own validator for the repo id): a decoded `%2F..%2F` must
+    never make us request another path of the hub, or of a private HF_ENDPOINT, with a token."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise UserError(
+            f"Hugging Face LoRA {redact(text)!r}: {repo!r} is not a valid repo id (owner/name of letters, "
+            "digits, '-', '_', '.')."
+        ) from None
+    for name, value in (("revision", revision), ("file path", path)):
+        parts = value.split("/")
+        if not re.fullmatch(r"[\w.\-/]*", value) or ".." in parts or (value and "" in parts):
+            raise UserError(f"Hugging Face LoRA {redact(text)!r}: its {name} is not valid.")
 
 
 def _civitai(parts, text: str) -> Source:

@@ -126,3 +126,22 @@ def test_origin():
     assert origin("HTTPS://Hub.Example/x?y") == "https://hub.example:443"
     assert origin("http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
     assert origin("http://[::1]/") == "http://::1:80"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "huggingface.co/own%20er/repo",
+        "https://huggingface.co/a%2F..%2F..%2Fapi/whoami-v2",
+        "huggingface.co/a/b/resolve/..%2F..%2Fapi/x.safetensors",
+        "huggingface.co/a/b/resolve/main/..%2F..%2Fx.safetensors",
+        "huggingface.co/a--b/c",
+    ],
+)
+def test_hugging_face_names_are_validated_as_the_hub_does(source):
+    """Before: an internal error with a traceback, or a GET of an arbitrary hub path with a token."""
+    from loras.sources import parse_source
+
+    with pytest.raises(UserError, match="Hugging Face LoRA .*(not a valid repo id|is not valid)"):
+        parse_source(source)
+    parse_source("huggingface.co/some-owner/some.repo_1/resolve/v1.0/sub/x.safetensors")
