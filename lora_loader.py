@@ -30,6 +30,7 @@ from errors import UserError
 from loras.cache import LoraCache, UserTokens
 from loras.formats import ParsedLora, parse_lora
 from loras.sources import public_label, split_sources
+from net.fetch import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -237,24 +238,27 @@ class LoraManager:
         if not (math.isfinite(lora_scale) and math.isfinite(extra_lora_scale)):
             raise UserError("lora_scale and extra_lora_scale must be finite numbers.")
         start = time.monotonic()
-        # 1. What each region must hold (a LoRA at scale 0 is as if absent).
+        deadline = start + Limits.from_env().total_timeout  # one for all of this request's downloads
+        # 1. What each region must hold (a LoRA at scale 0 is as if absent); the budget of ranks is
+        # checked after each file, so a request never holds more than it could use plus one file.
         wanted: dict[str, list[tuple[ParsedLora, float]]] = {"main": [], "extra": []}
         chosen = self.main
         if main is not None and main.strip():
             if not self.max_main_rank:
                 raise UserError("replicate_weights is switched off on this server (LORA_MAX_MAIN_RANK=0).")
-            chosen = self._parsed(main, tokens)
+            chosen = self._parsed(main, tokens, deadline)
             _check_rank([chosen], len(self.regions["main"]), "replicate_weights", "LORA_MAX_MAIN_RANK")
         if chosen is not None and lora_scale != 0:
             wanted["main"].append((chosen, lora_scale))
         for source, scale in split_sources(extra_lora, extra_lora_scale):
             if scale == 0:
                 continue
-            extra = self._parsed(source, tokens)
+            extra = self._parsed(source, tokens, deadline)
             if wanted["main"] and extra.digest == chosen.digest:
                 logger.info("LoRA extra %s is the main LoRA; applying it once, at lora_scale", extra.label)
                 continue
             wanted["extra"].append((extra, scale))
+            _check_rank([lora for lora, _ in wanted["extra"]], self.max_rank, "extra_lora", "LORA_MAX_RANK")
         _check_rank([lora for lora, _ in wanted["extra"]], self.max_rank, "extra_lora", "LORA_MAX_RANK")
         empty: dict[str, list[tuple[ParsedLora, float]]] = {r: [] for r in REGIONS}
         plan = [(t, wanted if t is target or t.component == "text_encoder" else empty) for t in self._targets]
@@ -326,8 +330,8 @@ class LoraManager:
                 return target
         raise RuntimeError("this LoraManager does not manage that model")
 
-    def _parsed(self, source: str, tokens: UserTokens | None) -> ParsedLora:
-        path = self.cache.fetch(source, tokens)
+    def _parsed(self, source: str, tokens: UserTokens | None, deadline: float | None = None) -> ParsedLora:
+        path = self.cache.fetch(source, tokens, deadline=deadline)
         label = public_label(source)
         try:
             stat = path.stat()

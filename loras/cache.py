@@ -15,6 +15,7 @@ Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (defaul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserError
 from loras.files import finalize_download
 from loras.sites import Endpoints, credential_for, local_file, resolve
 from loras.sources import Source, parse_source
@@ -107,14 +109,25 @@ class LoraCache:
         name = source.key + (f"\0credential:{scope}" if scope else "")
         return self.cache_dir / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".safetensors")
 
-    def fetch(self, source: str, tokens: UserTokens | None = None, *, operator: bool = False) -> Path:
+    def fetch(
+        self, source: str, tokens: UserTokens | None = None, *, operator: bool = False, deadline: float | None = None
+    ) -> Path:
         """A local, complete, valid .safetensors file for `source`; UserError (one line) on any failure.
 
         `tokens`: the user's own tokens (take precedence over the deployment's; sent to their site
-        only). `operator=True`: the deployment's own LoRA: any local path, HF_TOKEN as a fallback."""
+        only). `operator=True`: the deployment's own LoRA: any local path, HF_TOKEN as a fallback.
+        `deadline` (time.monotonic()): a whole request's LoRA downloads share it."""
         parsed = parse_source(source)
         tokens = tokens or UserTokens()
         limits = Limits.from_env()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(
+                    f"LoRA {parsed.label}: the request's LoRA downloads took longer than "
+                    f"{limits.total_timeout:g} s in all (LORA_DOWNLOAD_TOTAL_TIMEOUT)."
+                )
+            limits = dataclasses.replace(limits, total_timeout=min(limits.total_timeout, left))
         if parsed.kind == "local":
             return local_file(parsed, limits.max_file_bytes, operator=operator)
         endpoints = Endpoints.from_env()

@@ -108,17 +108,23 @@ SCALE_RANGE = (-1.0, 2.0)  # what extra_lora_scale accepts
 _SCALED = re.compile(r"^(?P<source>.+?)\s*:\s*(?P<scale>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)$")
 
 
+MAX_EXTRA_LORAS = 8  # entries of one extra_lora list
+
+
 def split_sources(text: str | None, default_scale: float = 1.0) -> list[tuple[str, float]]:
     """[(source, scale)] of an `extra_lora` value: one source or several separated by commas (or
     newlines), each optionally suffixed `:<scale>` (else `default_scale`), e.g. "a/b:0.5, c/d".
 
     Every entry is parsed (`parse_source`) and every scale checked against SCALE_RANGE, so a bad
-    list fails whole before anything is downloaded. A comma inside a URL must be written %2C."""
+    list fails whole before anything is downloaded. A comma inside a URL must be written %2C. At most
+    MAX_EXTRA_LORAS entries (each is a download and a parse)."""
     entries = []
-    for item in re.split(r"[,\n]", text or ""):
-        item = item.strip()
-        if not item:
-            continue
+    items = [item.strip() for item in re.split(r"[,\n]", text or "") if item.strip()]
+    if len(items) > MAX_EXTRA_LORAS:
+        raise UserError(
+            f"extra_lora lists {len(items)} LoRAs, over the {MAX_EXTRA_LORAS} accepted in one request: use fewer."
+        )
+    for item in items:
         source, scale = item, float(default_scale)
         m = _SCALED.match(item)
         if m and "://" in m["source"] and not urlsplit(m["source"]).path:

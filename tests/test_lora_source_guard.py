@@ -145,3 +145,12 @@ def test_hugging_face_names_are_validated_as_the_hub_does(source):
     with pytest.raises(UserError, match="Hugging Face LoRA .*(not a valid repo id|is not valid)"):
         parse_source(source)
     parse_source("huggingface.co/some-owner/some.repo_1/resolve/v1.0/sub/x.safetensors")
+
+
+def test_an_extra_lora_list_has_a_bounded_number_of_entries():
+    """16,384 characters held about 600 URLs, each downloaded (up to 900 s) and parsed."""
+    from loras.sources import MAX_EXTRA_LORAS, split_sources
+
+    assert len(split_sources(", ".join(f"o/m{i}" for i in range(MAX_EXTRA_LORAS)))) == MAX_EXTRA_LORAS
+    with pytest.raises(UserError, match=f"lists {MAX_EXTRA_LORAS + 1} LoRAs, over the {MAX_EXTRA_LORAS} accepted"):
+        split_sources(", ".join(f"o/m{i}" for i in range(MAX_EXTRA_LORAS + 1)))
