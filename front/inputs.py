@@ -25,11 +25,11 @@ import re
 from dataclasses import dataclass
 
 from errors import UserError
-from front.schema import EVENTS, ModelSchema
+from front.schema import EVENTS, ID_PATTERN, ModelSchema
 from net.fetch import Fetcher, Limits
 from net.url_guard import Guard
 
-ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ID = re.compile(ID_PATTERN)
 DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,", re.I)
 MAX_WEBHOOK_CHARS = 2048
 
@@ -75,13 +75,11 @@ def check_prediction(
 ) -> Prediction:
     """Every check of a prediction request, in one place (see the module's docstring)."""
     body = parse_body(raw)
-    prediction_id = path_id if path_id is not None else body.get("id")
-    if prediction_id is not None and (not isinstance(prediction_id, str) or not ID.fullmatch(prediction_id)):
+    prediction_id = path_id if path_id is not None else body.get("id")  # a PUT's path names it
+    if prediction_id is not None and (not isinstance(prediction_id, str) or not ID.match(prediction_id)):
         raise RequestError(
             422, "id must be 1–64 letters, digits, '_', '.' or '-', starting with a letter or digit.", ("id",)
         )
-    if path_id is not None and body.get("id") not in (None, path_id):
-        raise RequestError(422, "id in the body differs from the id in the path.", ("id",))
     inputs = body.get("input")
     if not isinstance(inputs, dict):
         raise RequestError(422, "Field required" if inputs is None else "Input should be an object", ("input",))

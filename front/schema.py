@@ -20,9 +20,9 @@ import jsonschema
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
-REDACTED = "**********"  # how Cog shows a secret input
 
 EVENTS = ("start", "output", "logs", "completed")
+ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a prediction id the client chooses
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,14 @@ class ModelSchema:
         return found
 
     def known(self, inputs: dict) -> dict:
-        return {k: v for k, v in inputs.items() if k in self.input["properties"]}
+        """The fields Cog knows (it drops the others), with a null in a `nullable` field read as the
+        field left out, as the schema says (Cog itself answers 422 to such a null)."""
+        fields = self.input["properties"]
+        return {k: v for k, v in inputs.items() if k in fields and not (v is None and fields[k].get("nullable"))}
 
     def redacted(self, inputs: dict) -> dict:
-        return {k: (REDACTED if k in self.secret_fields and v is not None else v) for k, v in inputs.items()}
+        """The input as records keep and show it: secret fields left out (they are write-only)."""
+        return {k: v for k, v in inputs.items() if k not in self.secret_fields}
 
     def openapi(self, *, tokens: bool) -> dict:
         """The front's own OpenAPI document (see the module's docstring)."""
@@ -78,7 +82,7 @@ class ModelSchema:
             "type": "object",
             "required": ["input"],
             "properties": {
-                "id": {"title": "Id", "type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+                "id": {"title": "Id", "type": "string", "pattern": ID_PATTERN},
                 "input": {"$ref": "#/components/schemas/Input"},
                 "webhook": {"title": "Webhook", "type": "string", "format": "uri", "maxLength": 2048},
                 "webhook_events_filter": {
@@ -88,10 +92,14 @@ class ModelSchema:
                 },
             },
         }
-        schemas["PredictionResponse"]["properties"]["status"] = {
-            "type": "string",
-            "enum": ["starting", "processing", "succeeded", "failed", "canceled"],
-        }
+        response = schemas["PredictionResponse"]["properties"]
+        response["status"] = {"type": "string", "enum": ["starting", "processing", "succeeded", "failed", "canceled"]}
+        # What a prediction that has not finished, or failed, carries: null (Cog's schema says otherwise).
+        response["output"] = {"nullable": True, "allOf": [{"$ref": _ref("Output")}]}
+        for name in ("error", "started_at", "completed_at"):
+            response[name] = {**response[name], "nullable": True}
+        response["webhook"] = {"type": "string", "nullable": True}
+        response["webhook_events_filter"] = {"type": "array", "items": {"type": "string"}, "nullable": True}
         schemas["Error"] = {
             "title": "Error",
             "type": "object",
@@ -127,6 +135,7 @@ class ModelSchema:
         }
         body = {"required": True, "content": {"application/json": {"schema": {"$ref": _ref("PredictionRequest")}}}}
         ident = {"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        new_id = {**ident, "schema": {"type": "string", "pattern": ID_PATTERN}}
         doc["paths"] = {
             "/": {"get": _operation("root", {"200": ("Links", _json({}))})},
             "/health-check": {"get": _operation("health_check", {"200": ("The model server's state", _json({}))})},
@@ -139,7 +148,7 @@ class ModelSchema:
                 ),
             },
             "/predictions/{prediction_id}": {
-                "put": _operation("predict_idempotent", create, requestBody=body, parameters=[ident, prefer]),
+                "put": _operation("predict_idempotent", create, requestBody=body, parameters=[new_id, prefer]),
                 "get": _operation(
                     "get_prediction",
                     {"200": ("The prediction", prediction), "404": ("No such prediction of yours", error)} | common,
