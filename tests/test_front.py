@@ -299,3 +299,48 @@ def test_a_worker_stopped_by_sigterm_leaves_no_folders(tiny_weights, tmp_path):
             time.sleep(0.05)
         assert not _running(worker)
         assert [p.name for p in tmp_path.glob("flux-*")] == []
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server (Debian's package; .ci/run installs it) on a free loopback port."""
+    import shutil
+    import subprocess
+
+    from tests.cog_server import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*args, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_records_on_redis_survive_a_front_restart_and_stay_with_their_tenant(tiny_weights, redis_url, tmp_path):
+    env = {"PREDICTION_STORE": redis_url, "API_TOKENS": f"{TOKEN_A},{TOKEN_B}"}
+    with FrontServer(tiny_weights, env=env, state_dir=tmp_path / "a") as front:
+        front.wait_ready()
+        done = front.post({"input": SMALL}, headers=A).json()
+        assert done["status"] == "succeeded"
+    with FrontServer(tiny_weights, env=env, state_dir=tmp_path / "b") as front:  # nothing on its disk
+        front.wait_ready()
+        assert front.get(done["id"], headers=A).json()["output"] == done["output"]
+        assert front.get(done["id"], headers=B).status_code == 404
+        listed = requests.get(front.url + "/predictions", headers=A, timeout=10).json()["results"]
+        assert [r["id"] for r in listed] == [done["id"]]
