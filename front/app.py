@@ -23,23 +23,23 @@ import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from front import replicate_api
 from front.backend import Backend
 from front.inputs import RequestError, check_prediction
 from front.predictions import Predictions
-from front.records import open_store
+from front.records import Record, open_store
+from front.replicate_api import Deployment, Files
 from front.schema import ModelSchema
 from front.settings import FrontSettings
+from front.steps import body, page, refused, tenant, watch_disconnect
 from front.webhooks import WebhookSender
 from net.url_guard import Guard
 
 logger = logging.getLogger(__name__)
-
-PAGE = 50
 
 
 @dataclass
@@ -50,6 +50,8 @@ class Front:
     backend: Backend
     predictions: Predictions
     events_secret: str
+    deployment: Deployment  # as Replicate's API names it (front/replicate_api.py)
+    files: Files
 
 
 BackendFactory = Callable[[Callable[[str], str]], Awaitable[Backend]]
@@ -67,16 +69,23 @@ def create_app(settings: FrontSettings, backend_factory: BackendFactory, *, inte
         base = internal_url or f"http://127.0.0.1:{settings.port}"
         backend = await backend_factory(lambda pid: f"{base}/internal/events/{secret}/{pid}")
         store = open_store(settings.store, settings.state_dir, settings.retention_s)
+        deployment = Deployment.from_env(settings.state_dir)
+
+        def view(record: Record) -> dict:
+            return replicate_api.view(record, deployment) if record.api == "replicate" else record.public()
+
         predictions = Predictions(
             store,
             backend,
             schema,
-            WebhookSender(guard),
+            WebhookSender(guard, sign=deployment.sign),
             max_queued=settings.max_queued,
             unavailable_retry_s=settings.unavailable_retry_s,
+            view=view,
         )
         await predictions.start()
-        app.state.front = Front(settings, schema, guard, backend, predictions, secret)
+        files = Files(settings.state_dir / "files", settings.retention_s)
+        app.state.front = Front(settings, schema, guard, backend, predictions, secret, deployment, files)
         if settings.tenants.open:
             logger.warning("API_TOKENS is not set: this front is open to anyone who can reach it")
         try:
@@ -96,7 +105,8 @@ def create_app(settings: FrontSettings, backend_factory: BackendFactory, *, inte
     app.add_api_route("/health-check", health_check, methods=["GET"])
     app.add_api_route("/openapi.json", openapi, methods=["GET"])
     app.add_api_route("/", root, methods=["GET"])
-    app.add_exception_handler(RequestError, _refused)
+    replicate_api.add_routes(app)
+    app.add_exception_handler(RequestError, refused)
     return app
 
 
@@ -113,10 +123,10 @@ async def put(request: Request, prediction_id: str) -> Response:
 
 async def _predict(request: Request, path_id: str | None) -> Response:
     front: Front = request.app.state.front
-    tenant = _tenant(request)  # 1
-    raw = await _body(request, front.settings.max_body_bytes)  # 2
+    caller = tenant(request)  # 1
+    raw = await body(request, front.settings.max_body_bytes)  # 2
     respond_async = "respond-async" in request.headers.get("prefer", "").lower()
-    if path_id is not None and (record := await front.predictions.existing(tenant, path_id)) is not None:
+    if path_id is not None and (record := await front.predictions.existing(caller, path_id)) is not None:
         return await _answer(request, front, record.id, respond_async)  # a repeated PUT: idempotent
     checked = await asyncio.to_thread(  # 3
         check_prediction,
@@ -127,7 +137,7 @@ async def _predict(request: Request, path_id: str | None) -> Response:
         max_file_bytes=front.settings.max_file_bytes,
         timeout_s=front.settings.input_timeout_s,
     )
-    record = await front.predictions.create(tenant, checked)  # 4
+    record = await front.predictions.create(caller, checked)  # 4
     return await _answer(request, front, record.id, respond_async)  # 5
 
 
@@ -136,7 +146,7 @@ async def _answer(request: Request, front: Front, prediction_id: str, respond_as
         record = await front.predictions.get(None, prediction_id)
         return JSONResponse(record.public(), status_code=202)
     gone = asyncio.Event()
-    watcher = asyncio.ensure_future(_watch_disconnect(request, gone))
+    watcher = asyncio.ensure_future(watch_disconnect(request, gone))
     try:
         record = await front.predictions.wait(prediction_id, gone)
     finally:
@@ -146,7 +156,7 @@ async def _answer(request: Request, front: Front, prediction_id: str, respond_as
 
 async def get(request: Request, prediction_id: str) -> Response:
     front: Front = request.app.state.front
-    record = await front.predictions.get(_tenant(request), prediction_id)
+    record = await front.predictions.get(tenant(request), prediction_id)
     if record is None:
         raise RequestError(404, "No such prediction.")
     return JSONResponse(record.public())
@@ -154,24 +164,13 @@ async def get(request: Request, prediction_id: str) -> Response:
 
 async def listing(request: Request) -> Response:
     """The caller's recent predictions, newest first; `next` is the URL of the following page."""
-    front: Front = request.app.state.front
-    cursor = request.query_params.get("cursor")
-    try:
-        before = float(cursor) if cursor else None
-    except ValueError:
-        before = None
-    records = await front.predictions.page(_tenant(request), PAGE + 1, before)
-    following = None
-    if len(records) > PAGE:
-        records = records[:PAGE]
-        created = datetime.fromisoformat(records[-1].created_at.replace("Z", "+00:00")).timestamp()
-        following = str(request.url.include_query_params(cursor=repr(created)))
+    records, following = await page(request, tenant(request))
     return JSONResponse({"results": [r.public() for r in records], "next": following})
 
 
 async def cancel(request: Request, prediction_id: str) -> Response:
     front: Front = request.app.state.front
-    record = await front.predictions.cancel(_tenant(request), prediction_id)
+    record = await front.predictions.cancel(tenant(request), prediction_id)
     if record is None:
         raise RequestError(404, "No such prediction.")
     return JSONResponse(record.public())
@@ -209,39 +208,3 @@ async def openapi(request: Request) -> Response:
 
 async def root(request: Request) -> Response:
     return JSONResponse({"openapi_url": "/openapi.json"})
-
-
-# ---- steps
-
-
-def _tenant(request: Request) -> str:
-    tenant = request.app.state.front.settings.tenants.tenant(request.headers.get("authorization"))
-    if tenant is None:
-        raise RequestError(401, "Missing or unknown API token: send Authorization: Bearer <token>.")
-    return tenant
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    """The body, at most `limit` bytes: a larger Content-Length is refused before reading anything."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise RequestError(413, f"The body is {int(length):,} bytes, over the {limit:,}-byte limit.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"The body is over the {limit:,}-byte limit.")
-    return bytes(body)
-
-
-async def _watch_disconnect(request: Request, gone: asyncio.Event) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.5)
-    gone.set()
-
-
-async def _refused(request: Request, error: RequestError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    if error.status == 429:
-        headers = {"Retry-After": "5"}
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)

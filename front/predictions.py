@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from front.backend import Backend, Stopped, Unavailable
@@ -60,6 +61,7 @@ class Predictions:
         *,
         max_queued: int,
         unavailable_retry_s: float,
+        view: Callable[[Record], dict] = Record.public,
     ):
         self.store = store
         self.backend = backend
@@ -67,6 +69,7 @@ class Predictions:
         self.webhooks = webhooks
         self.max_queued = max_queued
         self.unavailable_retry_s = unavailable_retry_s
+        self.view = view  # the prediction object a record's webhooks carry (per API)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"  # this front, in its records
         self.jobs: dict[str, _Job] = {}
         self.queue: asyncio.Queue[str] = asyncio.Queue()
@@ -90,9 +93,11 @@ class Predictions:
 
     # ---- what the routes call
 
-    async def create(self, tenant: str, request: Prediction) -> Record:
+    async def create(self, tenant: str, request: Prediction, *, queue_factor: int = 1, **fields) -> Record:
+        """Record and queue a checked prediction; `fields`: more of the record's (api, base_url, stream).
+        `queue_factor`: how many times `max_queued` may wait before this create is refused."""
         queued = sum(1 for job in self.jobs.values() if not job.placed)
-        if queued >= self.max_queued:
+        if queued >= self.max_queued * queue_factor:
             raise RequestError(429, f"Too many predictions are waiting ({queued}); retry in a few seconds.")
         record = Record(
             id=request.id or new_id(),
@@ -101,6 +106,7 @@ class Predictions:
             webhook=request.webhook,
             webhook_events_filter=request.webhook_events_filter,
             front=self.name,
+            **fields,
         )
         if not await asyncio.to_thread(self.store.add, record):
             raise RequestError(409, f"Prediction id {record.id!r} is taken: choose another id.")
@@ -128,10 +134,14 @@ class Predictions:
     async def page(self, tenant: str, limit: int, before: float | None) -> list[Record]:
         return await asyncio.to_thread(self.store.page, tenant, limit, before)
 
-    async def wait(self, prediction_id: str, gone: asyncio.Event | None = None) -> Record:
-        """Wait until the prediction ends (a sync request); if `gone` is set first (the client hung
-        up), cancel it, as Cog does."""
+    async def wait(self, prediction_id: str, gone: asyncio.Event | None = None, timeout: float | None = None) -> Record:
+        """Wait until the prediction ends (a sync request) or `timeout` seconds pass; if `gone` is set
+        first (the client hung up), cancel it, as Cog does."""
         job = self.jobs.get(prediction_id)
+        if timeout is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait(prediction_id, gone), timeout)
+            return job.record if job is not None else await self.get(None, prediction_id)
         while job is not None and not job.record.done:
             job.changed.clear()
             waiters = [asyncio.ensure_future(job.changed.wait())]
@@ -227,7 +237,7 @@ class Predictions:
 
     def _notify(self, record: Record, event: str) -> None:
         if record.webhook:
-            self.webhooks.send(record.webhook, record.webhook_events_filter, event, record.public())
+            self.webhooks.send(record.webhook, record.webhook_events_filter, event, self.view(record))
 
     async def _resolve_orphans(self) -> None:
         """Records left in flight by a front of this machine (host name) that no longer runs (this one

@@ -60,6 +60,9 @@ class Record:
     webhook_events_filter: list[str] | None = None
     replica: str | None = None  # where it ran (the cluster's replica)
     front: str = ""  # the front process that runs it (in-flight records of a dead front are resolved)
+    api: str = "cog"  # the API that created it: "cog" (Cog's) or "replicate" (/v1, front/replicate_api.py)
+    base_url: str = ""  # where the client reached the front (for the absolute URLs of Replicate's API)
+    stream: bool = False  # Replicate's `stream: true`
 
     @property
     def done(self) -> bool:

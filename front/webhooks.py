@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from errors import UserError
@@ -31,8 +32,19 @@ class _Queue:
 
 
 class WebhookSender:
-    def __init__(self, guard: Guard, *, timeout_s: float = 10.0, attempts: int = 6, backoff_s: float = 0.5):
+    """`sign(body)`: headers that sign a delivery (Replicate's scheme: front/replicate_api.py)."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        sign: Callable[[bytes], dict[str, str]] | None = None,
+        timeout_s: float = 10.0,
+        attempts: int = 6,
+        backoff_s: float = 0.5,
+    ):
         self.guard = guard
+        self.sign = sign
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -91,7 +103,8 @@ class WebhookSender:
 
     def _post_once(self, url: str, body: bytes) -> int:
         fetcher = Fetcher(self.guard, Limits(timeout=self.timeout_s, total_timeout=self.timeout_s, max_file_bytes=0))
-        return fetcher.post(url, body, {"Content-Type": "application/json"}, "webhook")
+        headers = {"Content-Type": "application/json", **(self.sign(body) if self.sign else {})}
+        return fetcher.post(url, body, headers, "webhook")
 
     async def close(self) -> None:
         """Wait briefly for terminal deliveries in progress (a clean stop)."""

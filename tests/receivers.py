@@ -37,6 +37,7 @@ class Receiver:
         self.upload_log: list[str] = []  # every PUT, in order (names can repeat if the server overwrote one)
         self.files: dict[str, tuple[bytes, str]] = {}
         self.webhooks: list[dict] = []
+        self.webhook_requests: list[tuple[dict, bytes]] = []  # (headers, raw body) of every delivery
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self._fail_webhooks: list[int] = []
         self._cond = threading.Condition()
@@ -83,8 +84,10 @@ class Receiver:
                 receiver._record("POST", path)
                 if path != "/webhook":
                     return self._send(404)
-                payload = json.loads(self._body() or b"null")
+                raw = self._body()
+                payload = json.loads(raw or b"null")
                 with receiver._cond:
+                    receiver.webhook_requests.append((dict(self.headers.items()), raw))
                     failing = receiver._fail_webhooks.pop(0) if receiver._fail_webhooks else None
                     receiver.webhooks.append({**payload, "_answered": failing or 200})
                     receiver._cond.notify_all()
