@@ -7,7 +7,10 @@
                                                5. 202 (Prefer: respond-async) or wait: 200
     GET /predictions/{id}, GET /predictions    the caller's records (404 for anyone else's)
     POST /predictions/{id}/cancel              the caller's (404 for anyone else's)
-    GET /health-check, /openapi.json, /        the model server's state; the front's schema
+    GET /predictions/{id}/stream               Server-Sent Events of the caller's prediction
+    GET /health-check, /openapi.json, /        the model server's state; the front's schema; the playground
+    GET /metrics                               Prometheus metrics (front/metrics.py)
+    /v1/…                                      Replicate's HTTP API (front/replicate_api.py)
     anything else                              404 (Cog's /shutdown among them)
 
 The model server (Cog) listens on loopback only and hears from the front alone: predictions are
@@ -18,18 +21,23 @@ a route whose secret only the front and its Cog server know, so that progress re
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from front import replicate_api
 from front.backend import Backend
 from front.inputs import RequestError, check_prediction
+from front.metrics import CONTENT_TYPE, Metrics
 from front.predictions import Predictions
 from front.records import Record, open_store
 from front.replicate_api import Deployment, Files
@@ -40,6 +48,8 @@ from front.webhooks import WebhookSender
 from net.url_guard import Guard
 
 logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Front:
     events_secret: str
     deployment: Deployment  # as Replicate's API names it (front/replicate_api.py)
     files: Files
+    metrics: Metrics
 
 
 BackendFactory = Callable[[Callable[[str], str]], Awaitable[Backend]]
@@ -70,6 +81,7 @@ def create_app(settings: FrontSettings, backend_factory: BackendFactory, *, inte
         backend = await backend_factory(lambda pid: f"{base}/internal/events/{secret}/{pid}")
         store = open_store(settings.store, settings.state_dir, settings.retention_s)
         deployment = Deployment.from_env(settings.state_dir)
+        metrics = Metrics()
 
         def view(record: Record) -> dict:
             return replicate_api.view(record, deployment) if record.api == "replicate" else record.public()
@@ -82,10 +94,11 @@ def create_app(settings: FrontSettings, backend_factory: BackendFactory, *, inte
             max_queued=settings.max_queued,
             unavailable_retry_s=settings.unavailable_retry_s,
             view=view,
+            on_finish=metrics.finished,
         )
         await predictions.start()
         files = Files(settings.state_dir / "files", settings.retention_s)
-        app.state.front = Front(settings, schema, guard, backend, predictions, secret, deployment, files)
+        app.state.front = Front(settings, schema, guard, backend, predictions, secret, deployment, files, metrics)
         if settings.tenants.open:
             logger.warning("API_TOKENS is not set: this front is open to anyone who can reach it")
         try:
@@ -101,10 +114,13 @@ def create_app(settings: FrontSettings, backend_factory: BackendFactory, *, inte
     app.add_api_route("/predictions/{prediction_id}", put, methods=["PUT"])
     app.add_api_route("/predictions/{prediction_id}", get, methods=["GET"])
     app.add_api_route("/predictions/{prediction_id}/cancel", cancel, methods=["POST"])
+    app.add_api_route("/predictions/{prediction_id}/stream", stream, methods=["GET"])
     app.add_api_route("/internal/events/{secret}/{prediction_id}", events, methods=["POST"], include_in_schema=False)
     app.add_api_route("/health-check", health_check, methods=["GET"])
     app.add_api_route("/openapi.json", openapi, methods=["GET"])
+    app.add_api_route("/metrics", metrics_text, methods=["GET"])
     app.add_api_route("/", root, methods=["GET"])
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     replicate_api.add_routes(app)
     app.add_exception_handler(RequestError, refused)
     return app
@@ -168,6 +184,34 @@ async def listing(request: Request) -> Response:
     return JSONResponse({"results": [r.public() for r in records], "next": following})
 
 
+async def stream(request: Request, prediction_id: str) -> Response:
+    """Server-Sent Events: `prediction` (the record, each time it changes: status, logs, progress),
+    ending with `completed`; `:` keep-alives while nothing changes."""
+    front: Front = request.app.state.front
+    caller = tenant(request)
+    if await front.predictions.get(caller, prediction_id) is None:
+        raise RequestError(404, "No such prediction.")
+
+    async def events():
+        last, quiet = None, time.monotonic()
+        while not await request.is_disconnected():
+            record = await front.predictions.get(caller, prediction_id)
+            if record is None:
+                return
+            shown = json.dumps(record.public())
+            if shown != last:
+                last, quiet = shown, time.monotonic()
+                yield f"event: {'completed' if record.done else 'prediction'}\ndata: {shown}\n\n"
+                if record.done:
+                    return
+            elif time.monotonic() - quiet > 10:
+                quiet = time.monotonic()
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
 async def cancel(request: Request, prediction_id: str) -> Response:
     front: Front = request.app.state.front
     record = await front.predictions.cancel(tenant(request), prediction_id)
@@ -201,10 +245,19 @@ async def health_check(request: Request) -> Response:
     return JSONResponse(answer)
 
 
+async def metrics_text(request: Request) -> Response:
+    """Prometheus' text format (front/metrics.py): counts and timings, nothing a request said."""
+    front: Front = request.app.state.front
+    waiting, running = front.predictions.counts()
+    body = front.metrics.render(waiting, running, await front.backend.health())
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 async def openapi(request: Request) -> Response:
     front: Front = request.app.state.front
     return JSONResponse(front.schema.openapi(tokens=not front.settings.tenants.open))
 
 
 async def root(request: Request) -> Response:
-    return JSONResponse({"openapi_url": "/openapi.json"})
+    """The playground (front/static/): a page to try the model, built from /openapi.json."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")

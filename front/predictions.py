@@ -62,6 +62,7 @@ class Predictions:
         max_queued: int,
         unavailable_retry_s: float,
         view: Callable[[Record], dict] = Record.public,
+        on_finish: Callable[[Record], None] | None = None,
     ):
         self.store = store
         self.backend = backend
@@ -70,6 +71,7 @@ class Predictions:
         self.max_queued = max_queued
         self.unavailable_retry_s = unavailable_retry_s
         self.view = view  # the prediction object a record's webhooks carry (per API)
+        self.on_finish = on_finish  # metrics (front/metrics.py)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"  # this front, in its records
         self.jobs: dict[str, _Job] = {}
         self.queue: asyncio.Queue[str] = asyncio.Queue()
@@ -234,6 +236,13 @@ class Predictions:
         self._notify(record, "completed")
         job.changed.set()
         self.jobs.pop(record.id, None)
+        if self.on_finish is not None:
+            self.on_finish(record)
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting, running): accepted and not started, started and not finished."""
+        placed = sum(1 for job in self.jobs.values() if job.placed)
+        return len(self.jobs) - placed, placed
 
     def _notify(self, record: Record, event: str) -> None:
         if record.webhook:

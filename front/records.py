@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import sqlite3
 import threading
@@ -96,6 +97,7 @@ class Record:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "completed_at": self.completed_at,
+            "progress": progress(self.logs) if not self.done else None,
         }
         if self.webhook:
             view["webhook"] = self.webhook
@@ -110,6 +112,22 @@ class Record:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_STEP = re.compile(r"step (\d+)/(\d+)\s*$")
+_DOWNLOAD = re.compile(r"([\d,]+) of ([\d,]+|\?) bytes\s*$")
+
+
+def progress(logs: str) -> dict | None:
+    """Where a running prediction is, from its last progress line (the predictor writes one per
+    denoising step, `step k/n`, and a few per second of a LoRA download, `… x of y bytes`)."""
+    for line in reversed(logs.splitlines()[-50:]):
+        if match := _STEP.search(line):
+            return {"stage": "generate", "done": int(match[1]), "total": int(match[2])}
+        if match := _DOWNLOAD.search(line):
+            total = None if match[2] == "?" else int(match[2].replace(",", ""))
+            return {"stage": "lora_download", "done": int(match[1].replace(",", "")), "total": total}
+    return None
 
 
 def _created(record: Record) -> float:

@@ -100,6 +100,7 @@ class ModelSchema:
             response[name] = {**response[name], "nullable": True}
         response["webhook"] = {"type": "string", "nullable": True}
         response["webhook_events_filter"] = {"type": "array", "items": {"type": "string"}, "nullable": True}
+        response["progress"] = {"type": "object", "nullable": True}
         schemas["Error"] = {
             "title": "Error",
             "type": "object",
@@ -137,8 +138,11 @@ class ModelSchema:
         ident = {"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}}
         new_id = {**ident, "schema": {"type": "string", "pattern": ID_PATTERN}}
         doc["paths"] = {
-            "/": {"get": _operation("root", {"200": ("Links", _json({}))})},
+            "/": {"get": _operation("playground", {"200": ("The playground page", {"text/html": {"schema": {}}})})},
             "/health-check": {"get": _operation("health_check", {"200": ("The model server's state", _json({}))})},
+            "/metrics": {
+                "get": _operation("metrics", {"200": ("Prometheus text format", {"text/plain": {"schema": {}}})})
+            },
             "/predictions": {
                 "post": _operation("predict", create, requestBody=body, parameters=[prefer]),
                 "get": _operation(
@@ -154,6 +158,17 @@ class ModelSchema:
                     {"200": ("The prediction", prediction), "404": ("No such prediction of yours", error)} | common,
                     parameters=[ident],
                 ),
+            },
+            "/predictions/{prediction_id}/stream": {
+                "get": _operation(
+                    "stream_prediction",
+                    {
+                        "200": ("Server-Sent Events", {"text/event-stream": {"schema": {}}}),
+                        "404": ("No such prediction", error),
+                    }
+                    | common,
+                    parameters=[ident],
+                )
             },
             "/predictions/{prediction_id}/cancel": {
                 "post": _operation(

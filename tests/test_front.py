@@ -344,3 +344,53 @@ def test_records_on_redis_survive_a_front_restart_and_stay_with_their_tenant(tin
         assert front.get(done["id"], headers=B).status_code == 404
         listed = requests.get(front.url + "/predictions", headers=A, timeout=10).json()["results"]
         assert [r["id"] for r in listed] == [done["id"]]
+
+
+def test_metrics_count_predictions_and_their_stages(front):
+    assert front.post({"input": SMALL}).json()["status"] == "succeeded"
+    response = requests.get(front.url + "/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'predictions_total{mode="txt2img",status="succeeded"}' in text
+    assert 'prediction_stage_seconds_count{stage="queue"}' in text
+    assert 'prediction_stage_seconds_count{stage="predict"}' in text  # Cog's own predict_time
+    assert 'model_servers{state="READY"} 1.0' in text
+    assert "an ascii cat" not in text  # nothing a request said
+
+
+def test_the_grafana_dashboard_queries_exported_metrics_only():
+    import re
+
+    from front.metrics import Metrics
+    from front.records import Record
+
+    metrics = Metrics()
+    record = Record(id="x", tenant="", input={}, status="succeeded", started_at="2026-01-01T00:00:01Z")
+    record.created_at, record.metrics = "2026-01-01T00:00:00Z", {"predict_time": 1.0}
+    metrics.finished(record)
+    metrics.render(0, 0, {"status": "READY"})
+    exported = metrics.names()
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\b((?:predictions?|prediction_stage|model)_[a-z_]+)\b", target["expr"]))
+    assert queried and queried <= exported, queried - exported
+
+
+def test_a_prediction_streams_its_record_until_it_completes(front):
+    prediction_id = uuid.uuid4().hex
+    body = {"id": prediction_id, "input": {**SMALL, "num_inference_steps": 12, "width": 512, "height": 512}}
+    assert front.post(body, headers={"Prefer": "respond-async"}).status_code == 202
+    events = []
+    with requests.get(f"{front.url}/predictions/{prediction_id}/stream", stream=True, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    assert events[-1][0] == "completed" and events[-1][1]["status"] == "succeeded"
+    assert all(name == "prediction" for name, _ in events[:-1])
+    assert front.get(prediction_id).json()["progress"] is None  # finished
