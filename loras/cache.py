@@ -15,6 +15,7 @@ Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (defaul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -107,12 +108,17 @@ class LoraCache:
         name = source.key + (f"\0credential:{scope}" if scope else "")
         return self.cache_dir / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".safetensors")
 
-    def fetch(self, source: str, tokens: UserTokens | None = None, *, operator: bool = False) -> Path:
+    def fetch(
+        self, source: str, tokens: UserTokens | None = None, *, operator: bool = False, label: str | None = None
+    ) -> Path:
         """A local, complete, valid .safetensors file for `source`; UserError (one line) on any failure.
 
         `tokens`: the user's own tokens (take precedence over the deployment's; sent to their site
-        only). `operator=True`: the deployment's own LoRA: any local path, HF_TOKEN as a fallback."""
+        only). `operator=True`: the deployment's own LoRA: any local path, HF_TOKEN as a fallback.
+        `label`: the name to log instead of the source's (the operator's URL may be a secret)."""
         parsed = parse_source(source)
+        if label is not None:
+            parsed = dataclasses.replace(parsed, label=label)
         tokens = tokens or UserTokens()
         limits = Limits.from_env()
         if parsed.kind == "local":
