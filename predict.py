@@ -337,6 +337,11 @@ def check_inputs(
     model runs: a prompt, a LoRA source and a token are bounded strings, images in pixels (images.py)."""
     if prompt is None or not prompt.strip():
         raise UserError("prompt is empty: describe the image you want.")
+    if (odd := next((i for i, c in enumerate(prompt) if "\ud800" <= c <= "\udfff"), None)) is not None:
+        raise UserError(
+            f"prompt holds half of a UTF-16 pair ({prompt[odd].encode('unicode_escape').decode()} at character "
+            f"{odd + 1}), which is no character: send valid Unicode (was the prompt cut inside an emoji?)."
+        )
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(
             f"prompt is {len(prompt):,} characters, over the {MAX_PROMPT_CHARS:,} accepted: FLUX reads only its "
