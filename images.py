@@ -182,7 +182,7 @@ class OutputWriter:
 
 # WebP `method` (0 fastest … 6 smallest; Pillow's default is 4): chosen on measured size and time at the
 # same quality (bench/README.md, "Encoding"): about 2.5× faster than 4 for bytes within a few percent.
-WEBP_METHOD = 0
+WEBP_METHOD = 2
 
 
 def encode(image: Image.Image, path: Path, data: GenerationData | None, output_format: str, quality: int) -> None:
