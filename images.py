@@ -181,7 +181,7 @@ class OutputWriter:
 
 
 # WebP `method` (0 fastest … 6 smallest; Pillow's default is 4): chosen on measured size and time at the
-# same quality (bench/README.md, "Encoding"): about 2.5× faster than 4 for bytes within a few percent.
+# same quality (bench/README.md, "Encoding the outputs"): about half the time of 4, bytes within ±2 %.
 WEBP_METHOD = 2
 
 
