@@ -259,6 +259,8 @@ class LoraManager:
         if not (math.isfinite(lora_scale) and math.isfinite(extra_lora_scale)):
             raise UserError("lora_scale and extra_lora_scale must be finite numbers.")
         start = time.monotonic()
+        live = {x.digest for x in self._memory.values()} | ({self.main.digest} if self.main else set())
+        self._autov3 = {d: h for d, h in self._autov3.items() if d in live}  # before this request's parses
         # 1. What each region must hold (a LoRA at scale 0 is as if absent).
         wanted: dict[str, list[tuple[ParsedLora, float]]] = {"main": [], "extra": []}
         chosen = self.main
@@ -372,8 +374,6 @@ class LoraManager:
         self._memory[key] = lora
         while sum(x.nbytes for x in self._memory.values()) > self.memory_bytes and len(self._memory) > 1:
             self._memory.popitem(last=False)
-        live = {x.digest for x in self._memory.values()} | ({self.main.digest} if self.main else set())
-        self._autov3 = {d: h for d, h in self._autov3.items() if d in live}
         self._autov3.setdefault(lora.digest, autov3(path))  # once per parsed file, for generation data
         logger.info(
             "LoRA %s: parsed %d layers (rank %d) in %.2f s%s",

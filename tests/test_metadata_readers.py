@@ -104,6 +104,20 @@ def test_labels_belong_to_the_request_not_to_whoever_loaded_the_bytes_first(run,
         assert [label for label, _ in view["extra"].loras] == ["style-a.safetensors"]
 
 
+def test_every_lora_keeps_its_hash_when_parsed_ones_do_not_all_fit_in_memory(
+    run, styles, predictor, tiny_weights, monkeypatch
+):
+    folder, files = styles
+    monkeypatch.setattr(predictor.loras, "memory_bytes", 1)  # LORA_MEMORY_MAX_BYTES: one parsed LoRA at a time
+    for name, data in files.items():  # new files: parsed in this request, the first evicted by the second
+        (folder / f"fresh-{name}").write_bytes(data)
+    extra = ", ".join(str(folder / f"fresh-{name}") for name in files)
+    (path,) = run(prompt="a cat", seed=1, extra_lora=extra, output_format="png", **SMALL)
+    _, raw = read(path)
+    expected = {f"fresh-{name}": autov3(data) for name, data in files.items()}
+    assert lora_hashes(raw) == {"fine-tune": autov3((tiny_weights / "lora.safetensors").read_bytes()), **expected}
+
+
 def test_a_lone_surrogate_is_written_escaped_in_every_format(tmp_path):
     """Valid in JSON and in a Python string, refused by every encoder: written as its escape. (check_inputs
     refuses one in the prompt before any work; labels and future fields are covered here.)"""
