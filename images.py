@@ -7,12 +7,16 @@ says what was wrong and what to do.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin
@@ -155,65 +159,137 @@ class OutputWriter:
             self.current = None
 
     def save(
-        self, images: list[Image.Image], output_format: str, quality: int, parameters: list[str] | None = None
+        self,
+        images: list[Image.Image],
+        output_format: str,
+        quality: int,
+        data: list[GenerationData] | None = None,
     ) -> list[Path]:
-        """Write `images`; `parameters[i]` (generation_parameters) goes into image i: a PNG `parameters`
-        text chunk, or the EXIF UserComment of a JPEG or WebP, where A1111, CivitAI and others read it."""
+        """Write `images`, each in a thread of its own (Pillow's encoders release the GIL); `data[i]`
+        goes into image i: a PNG `parameters` text chunk, or the EXIF UserComment of a JPEG or WebP,
+        where A1111, Forge, CivitAI and sd-parsers read it."""
         directory = self.new_prediction()
         token = uuid.uuid4().hex[:12]
-        paths = []
-        for index, image in enumerate(images):
-            path = directory / f"out-{token}-{index}.{output_format}"
-            options = {} if output_format == "png" else {"quality": quality}
-            if parameters is not None:
-                options.update(_embedded(parameters[index], output_format))
-            image.convert("RGB").save(path, format=OUTPUT_FORMATS[output_format], **options)
-            paths.append(path)
+        paths = [directory / f"out-{token}-{i}.{output_format}" for i in range(len(images))]
+        jobs = [(image, paths[i], None if data is None else data[i]) for i, image in enumerate(images)]
+        if len(jobs) == 1:
+            encode(*jobs[0], output_format, quality)
+        else:
+            with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1), thread_name_prefix="encode") as pool:
+                list(pool.map(lambda job: encode(*job, output_format, quality), jobs))
         return paths
 
 
-def generation_parameters(
-    prompt: str,
-    *,
-    steps: int,
-    guidance: float | None,
-    seed: int,
-    size: tuple[int, int],
-    model: str,
-    loras: list[tuple[str, float]],
-    strength: float | None = None,
-) -> str:
-    """What made one image, in the layout Automatic1111 writes and CivitAI parses: the prompt, then one
-    line of `Key: value` pairs (a value holding a comma is quoted). `loras` are (label, scale) with
-    labels that are safe to publish (no token, no query string, no local folder). `guidance` None: a
-    model without guidance (schnell), where guidance_scale changes nothing and is not written."""
-    pairs = [("Steps", steps), *([("CFG scale", f"{guidance:g}")] if guidance is not None else [])]
-    pairs += [("Seed", seed), ("Size", f"{size[0]}x{size[1]}")]
-    pairs.append(("Model", f"flux-{model}"))
-    if strength is not None:
-        pairs.append(("Denoising strength", f"{strength:g}"))
-    if loras:
-        pairs.append(("Lora", ", ".join(f"{label}:{scale:g}" for label, scale in loras)))
-    line = ", ".join(f"{key}: {_quoted(str(value))}" for key, value in pairs)
-    return f"{prompt.strip()}\n{line}"
+# WebP `method` (0 fastest … 6 smallest; Pillow's default is 4): chosen on measured size and time at the
+# same quality (bench/README.md, "Encoding the outputs"): about half the time of 4, bytes within ±2 %.
+WEBP_METHOD = 2
+
+
+def encode(image: Image.Image, path: Path, data: GenerationData | None, output_format: str, quality: int) -> None:
+    """Write one output. Its generation data never fails it: data that cannot be embedded is shortened
+    (a JPEG's EXIF holds 64 KB) or, failing that, left out with a warning in the logs."""
+    image = image.convert("RGB")
+    options: dict = {}
+    if output_format == "webp":
+        options = {"quality": quality, "method": WEBP_METHOD}
+    elif output_format == "jpg":
+        options = {"quality": quality}
+    try:
+        embedded = {} if data is None else _embedded(data, output_format)
+        image.save(path, format=OUTPUT_FORMATS[output_format], **options, **embedded)
+    except Exception:
+        if data is None:
+            raise
+        logger.warning("%s: its generation data could not be embedded; written without it", path.name, exc_info=True)
+        image.save(path, format=OUTPUT_FORMATS[output_format], **options)
+
+
+@dataclass(frozen=True)
+class GenerationData:
+    """What made one image, for the readers of A1111's "parameters" text (Forge, CivitAI, sd-parsers).
+
+    `loras` are (label, scale, AutoV3 hash) with labels that are safe to publish (no token, no query
+    string, no local folder). `guidance` None: a model without guidance (schnell), where
+    guidance_scale changes nothing and is not written."""
+
+    prompt: str
+    steps: int
+    guidance: float | None
+    seed: int
+    size: tuple[int, int]
+    model: str  # the weights' name, e.g. FLUX.1-dev
+    model_hash: str
+    loras: tuple[tuple[str, float, str], ...] = ()
+    strength: float | None = None
+
+    def text(self, fits: Callable[[str], bool] = lambda text: True) -> str:
+        """The text as Forge writes it for FLUX: the prompt with a `<lora:name:scale>` tag per LoRA,
+        then one line `Steps: …, Sampler: Euler, …`. When it does not `fit`, the prompt is cut (marked
+        with "…"); if even that is not enough, the LoRA tags and hashes go."""
+        for loras in (True, False):
+            if fits(text := self._render(self.prompt, loras)):
+                return text
+            low, high = -1, len(self.prompt) - 1  # the longest cut of the prompt that fits, if any
+            while low < high:
+                middle = (low + high + 1) // 2
+                if fits(self._render(self.prompt[:middle] + "…", loras)):
+                    low = middle
+                else:
+                    high = middle - 1
+            if low >= 0:
+                return self._render(self.prompt[:low] + "…", loras)
+        return self._render("…", loras=False)
+
+    def _render(self, prompt: str, loras: bool = True) -> str:
+        names = [(_lora_name(label), scale, autov3) for label, scale, autov3 in self.loras] if loras else []
+        tags = " ".join(f"<lora:{name}:{scale:g}>" for name, scale, _ in names)
+        pairs = [("Steps", self.steps), ("Sampler", "Euler"), ("Schedule type", "Simple"), ("CFG scale", 1)]
+        if self.guidance is not None:
+            pairs.append(("Distilled CFG Scale", f"{self.guidance:g}"))
+        pairs += [("Seed", self.seed), ("Size", f"{self.size[0]}x{self.size[1]}")]
+        pairs += [("Model hash", self.model_hash), ("Model", self.model)]
+        if self.strength is not None:
+            pairs.append(("Denoising strength", f"{self.strength:g}"))
+        if names:
+            pairs.append(("Lora hashes", ", ".join(f"{name}: {autov3}" for name, _, autov3 in names)))
+        line = ", ".join(f"{key}: {_quoted(_encodable(str(value)))}" for key, value in pairs)
+        return f"{_encodable(prompt.strip())}{' ' + tags if tags else ''}\n{line}"
+
+
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates (valid in JSON and Python strings, refused by every encoder) written
+    as `\\udXXX` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lora_name(label: str) -> str:
+    """A LoRA's label as a name fit for a `<lora:name:scale>` tag and the `Lora hashes` list: no scheme,
+    and none of the characters that end or split them (`:`, `<`, `>`, `,`, quotes, whitespace)."""
+    name = label.split("://", 1)[-1]
+    return "".join("_" if c in ':<>,"' or not c.isprintable() or c.isspace() else c for c in name)
 
 
 def _quoted(value: str) -> str:
-    if "," not in value and '"' not in value and "\n" not in value:
+    """A value as A1111 writes it: as is, or as a JSON string when it holds a `,`, a `:` or a newline."""
+    if "," not in value and ":" not in value and "\n" not in value:
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    return json.dumps(value, ensure_ascii=False)
 
 
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+JPEG_MARKER_BYTES = 65533  # a JPEG segment's most: the EXIF block (from "Exif\0\0") must fit in one
 
 
-def _embedded(text: str, output_format: str) -> dict:
-    """Pillow save() options that carry `text`: a PNG text chunk, else EXIF UserComment (UTF-16, as
-    A1111 writes it with piexif's "unicode" encoding)."""
+def _embedded(data: GenerationData, output_format: str) -> dict:
+    """Pillow save() options that carry `data`: a PNG text chunk, else EXIF UserComment (UTF-16, as
+    A1111 writes it with piexif's "unicode" encoding), shortened to fit a JPEG's EXIF segment."""
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
-        info.add_itxt("parameters", text)
+        info.add_itxt("parameters", data.text())
         return {"pnginfo": info}
     exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0"
+    room = JPEG_MARKER_BYTES - len(exif.tobytes())
+    text = data.text() if output_format != "jpg" else data.text(fits=lambda t: len(t.encode("utf-16-be")) <= room)
     exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
     return {"exif": exif.tobytes()}

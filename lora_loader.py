@@ -14,6 +14,7 @@ disabled: exactly the base. File formats are loras/formats.py's concern.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import torch
 
 from errors import UserError
 from loras.cache import LoraCache, UserTokens
+from loras.files import autov3
 from loras.formats import ParsedLora, parse_lora
 from loras.sources import public_label, split_sources
 from net.fetch import Limits
@@ -116,6 +118,24 @@ class _Target:
 
 
 @dataclass(frozen=True)
+class AppliedLora:
+    """One LoRA a request applied, as that request's generation data names it."""
+
+    label: str  # the request's own name for it (loras.sources.public_label), never another request's
+    scale: float
+    autov3: str  # CivitAI's hash of its file (loras.files.autov3)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one apply() did: the LoRAs in effect (main first, then the extras in order), and its time."""
+
+    loras: tuple[AppliedLora, ...]
+    prepare_s: float  # fetching, parsing and checking the files
+    write_s: float = 0.0  # writing them into the adapter (0: the previous request's set was kept)
+
+
+@dataclass(frozen=True)
 class RegionView:
     """The public view of a region, for logs and tests: its status and the (label, scale) it holds."""
 
@@ -158,6 +178,7 @@ class LoraManager:
         # The main LoRA is parsed first: its rank, rounded up, is the main region's size.
         main_label = main_label or (Path(main).name if main is not None else "")
         self.main = None if main is None else parse_lora(Path(main), main_label, self.shapes, math.inf)
+        self._autov3 = {} if main is None else {self.main.digest: autov3(Path(main))}  # file digest → AutoV3
         self.max_main_rank = self.max_rank if max_main_rank is None else int(max_main_rank)
         main_ranks = max(self.main.rank if self.main else 0, self.max_main_rank)
         main_ranks = -(-main_ranks // RANK_ALIGN) * RANK_ALIGN
@@ -225,8 +246,9 @@ class LoraManager:
         *,
         main: str | None = None,
         tokens: UserTokens | None = None,
-    ) -> None:
-        """Make `transformer` (+ CLIP) exactly base + lora_scale·ΔW_main + Σ sᵢ·ΔWᵢ.
+    ) -> Applied:
+        """Make `transformer` (+ CLIP) exactly base + lora_scale·ΔW_main + Σ sᵢ·ΔWᵢ; returns what was
+        applied, named as this request named it.
 
         `main`: a per-request fine-tune replacing the deployment's own (`replicate_weights`);
         `extra_lora`: one source or a list (loras.sources.split_sources), each at its own scale or
@@ -239,6 +261,8 @@ class LoraManager:
             raise UserError("lora_scale and extra_lora_scale must be finite numbers.")
         start = time.monotonic()
         deadline = start + Limits.from_env().total_timeout  # one for all of this request's downloads
+        live = {x.digest for x in self._memory.values()} | ({self.main.digest} if self.main else set())
+        self._autov3 = {d: h for d, h in self._autov3.items() if d in live}  # before this request's parses
         # 1. What each region must hold (a LoRA at scale 0 is as if absent); the budget of ranks is
         # checked after each file, so a request never holds more than it could use plus one file.
         wanted: dict[str, list[tuple[ParsedLora, float]]] = {"main": [], "extra": []}
@@ -262,9 +286,13 @@ class LoraManager:
         _check_rank([lora for lora, _ in wanted["extra"]], self.max_rank, "extra_lora", "LORA_MAX_RANK")
         empty: dict[str, list[tuple[ParsedLora, float]]] = {r: [] for r in REGIONS}
         plan = [(t, wanted if t is target or t.component == "text_encoder" else empty) for t in self._targets]
+        applied = tuple(AppliedLora(lora.label, s, self._autov3[lora.digest]) for r in REGIONS for lora, s in wanted[r])
         if all(t.enabled == _on(want) and all(_holds(t.regions[r], want[r]) for r in REGIONS) for t, want in plan):
+            for t, want in plan:  # the same files: the labels are still this request's own
+                for region in REGIONS:
+                    t.regions[region].labels = tuple(lora.label for lora, _ in want[region])
             logger.info("LoRA: same set as the previous request, nothing to do")
-            return
+            return Applied(applied, time.monotonic() - start)
         # 2. Write, undoing everything on any interruption.
         changed, writing = 0, time.monotonic()
         try:
@@ -283,6 +311,7 @@ class LoraManager:
             (done - writing) * 1000,
             self._describe(target, wanted),
         )
+        return Applied(applied, writing - start, done - writing)
 
     def compile_states(self, transformer: torch.nn.Module):
         """Put `transformer` in each state a torch.compile graph is specialised on, yielding in each:
@@ -341,12 +370,15 @@ class LoraManager:
         if key in self._memory:
             self._memory.move_to_end(key)
             logger.info("LoRA %s: parsed tensors from memory", label)
-            return self._memory[key]
+            # The same tensors under this request's name: whoever loaded the file first named it for
+            # themselves (a private repo's path), and labels reach logs, errors and generation data.
+            return dataclasses.replace(self._memory[key], label=label)
         start = time.monotonic()
         lora = parse_lora(path, label, self.shapes, math.inf)  # ranks are checked against their region
         self._memory[key] = lora
         while sum(x.nbytes for x in self._memory.values()) > self.memory_bytes and len(self._memory) > 1:
             self._memory.popitem(last=False)
+        self._autov3.setdefault(lora.digest, autov3(path))  # once per parsed file, for generation data
         logger.info(
             "LoRA %s: parsed %d layers (rank %d) in %.2f s%s",
             lora.label,

@@ -17,9 +17,12 @@ commit that the part wants is there: a part that exists is a part that is whole.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +157,35 @@ def main_lora(root: Path | None = None) -> Path | None:
     """The trained fine-tune, or None when the tree has none (plain FLUX)."""
     path = (root or weights_dir()) / MAIN_LORA
     return path if path.is_file() else None
+
+
+def model_hash(folder: Path) -> str:
+    """A short name for the weights in `folder` (a part's transformer/), for generation data's "Model
+    hash" (10 hex digits, as A1111 writes it): the SHA-256 of its .safetensors files in name order.
+
+    Hashing 24 GB takes a while, so the result is kept in `folder/.model-hash.json` with the files'
+    names, sizes and modification times, and reused while they are the same (a read-only tree
+    hashes at every setup)."""
+    files = sorted(folder.glob("*.safetensors"))
+    identity = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    record = folder / ".model-hash.json"
+    try:
+        kept = json.loads(record.read_text())
+        if kept["files"] == identity:
+            return kept["sha256"][:10]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
+    logger.info("model hash of %s: %d files in %.1f s", folder.parent.name, len(files), time.perf_counter() - started)
+    try:
+        partial = record.with_suffix(".partial")
+        partial.write_text(json.dumps({"files": identity, "sha256": digest.hexdigest()}))
+        partial.replace(record)
+    except OSError as error:
+        logger.info("model hash not kept (%s): it is computed again at each setup", type(error).__name__)
+    return digest.hexdigest()[:10]

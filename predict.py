@@ -5,6 +5,7 @@ One prediction: inputs → checks → sizes → pipeline → LoRAs → generate 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from errors import UserError
 from images import ASPECT_RATIOS, OutputWriter
 from lora_loader import LoraManager
 from loras.cache import LoraCache, UserTokens
-from loras.sources import public_label, split_sources
+from loras.sources import split_sources
 from safety import SafetyChecker
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ SEED_MAX = 2**63  # torch.Generator takes signed and unsigned 64-bit seeds; we a
 MAX_PROMPT_CHARS = 10_000
 MAX_SOURCE_CHARS = 16_384  # LoRA sources: a URL or a name, or a list of them
 MAX_TOKEN_CHARS = 1_024
+# The deployment's own fine-tune in logs and generation data: COG_WEIGHTS may be a URL whose path is the
+# key to a private model (replicate.delivery), so its name says nothing of where it lives.
+MAIN_LORA_LABEL = "fine-tune"
+WEIGHTS = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}  # model → its part of the weights tree
 
 
 class Predictor(BaseRunner):
@@ -54,18 +59,25 @@ class Predictor(BaseRunner):
 
         root = model_weights.weights_dir()
         device, dtype = device_and_dtype()
-        self.models = FluxModels(
-            model_weights.ensure("FLUX.1-dev", root), model_weights.ensure("FLUX.1-schnell", root), device, dtype
-        )
+        folders = {model: model_weights.ensure(part, root) for model, part in WEIGHTS.items()}
+        self.models = FluxModels(folders["dev"], folders["schnell"], device, dtype)
+        self.model_hashes = {
+            model: model_weights.model_hash(folder / "transformer") for model, folder in folders.items()
+        }
         self.safety = SafetyChecker.load(
             model_weights.ensure("safety-checker", root), model_weights.ensure("nsfw-detector", root), device, dtype
         )
         cache = LoraCache.from_env()
         with setup_errors("the main LoRA (COG_WEIGHTS)" if weights else "the main LoRA (weights/lora.safetensors)"):
-            main = cache.fetch(weights, operator=True) if weights else model_weights.main_lora(root)
-            label = public_label(weights) if weights else "lora.safetensors"
+            main = (
+                cache.fetch(weights, operator=True, label=MAIN_LORA_LABEL) if weights else model_weights.main_lora(root)
+            )
             self.loras = LoraManager.from_env(
-                list(self.models.transformers.values()), self.models.text_encoder, cache, main=main, main_label=label
+                list(self.models.transformers.values()),
+                self.models.text_encoder,
+                cache,
+                main=main,
+                main_label=MAIN_LORA_LABEL,
             )
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
@@ -211,7 +223,7 @@ class Predictor(BaseRunner):
             pipe = self.models.get(model, request.mode)
 
             # 2. LoRAs: exactly the main one (or replicate_weights) at lora_scale plus the extra ones.
-            self.loras.apply(
+            applied = self.loras.apply(
                 pipe.transformer,
                 lora_scale,
                 extra_lora,
@@ -219,51 +231,76 @@ class Predictor(BaseRunner):
                 main=replicate_weights,
                 tokens=request.tokens,
             )
+            self.record_metric("lora_fetch_time", round(applied.prepare_s, 4))
+            self.record_metric("lora_apply_time", round(applied.write_s, 4))
 
-            # 3. Generate: one batch, output i from seed + i.
+            # 3. Generate: one batch, output i from seed + i; a log line per step.
             logger.info(
                 "%s %s %d×%d, %d steps, seeds %s", model, request.mode, *request.size, request.steps, request.seeds
             )
-            started = time.perf_counter()
-            outputs = pipe(
-                prompt=prompt,
-                width=request.size[0],
-                height=request.size[1],
-                num_inference_steps=request.steps,
-                guidance_scale=guidance_scale,
-                num_images_per_prompt=num_outputs,
-                max_sequence_length=traits.max_sequence_length,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
-                **request.images,
-            ).images
-            logger.info("generated %d image(s) in %.2f s", len(outputs), time.perf_counter() - started)
+            with self.stage("generate") as timer:
+                outputs = pipe(
+                    prompt=prompt,
+                    width=request.size[0],
+                    height=request.size[1],
+                    num_inference_steps=request.steps,
+                    guidance_scale=guidance_scale,
+                    num_images_per_prompt=num_outputs,
+                    max_sequence_length=traits.max_sequence_length,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
+                    callback_on_step_end=log_step,
+                    **request.images,
+                ).images
+            logger.info("generated %d image(s) in %.2f s", len(outputs), timer.seconds)
             if request.mode == "inpaint":
                 outputs = [
                     images.keep_unmasked(o, request.images["image"], request.images["mask_image"]) for o in outputs
                 ]
 
-            # 4. Safety, then encode, each image with the parameters that made it.
+            # 4. Safety, then encode, each image with the data that made it (its own seed).
+            with self.stage("safety"):
+                kept = list(range(len(outputs))) if disable_safety_checker else self.safety.filter(outputs)
             if disable_safety_checker:
                 logger.info("safety checker disabled")
-                kept = list(range(len(outputs)))
-            else:
-                kept = self.safety.filter(outputs)
-            applied = [lora for region in self.loras.state(pipe.transformer).values() for lora in region.loras]
-            parameters = [
-                images.generation_parameters(
-                    prompt,
-                    steps=request.steps,
-                    guidance=guidance_scale if traits.guidance else None,
-                    seed=request.seeds[i],
-                    size=request.size,
-                    model=model,
-                    loras=applied,
-                    strength=request.images.get("strength"),
-                )
-                for i in kept
-            ]
-            saved = self.outputs.save([outputs[i] for i in kept], output_format, output_quality, parameters)
+            made = images.GenerationData(
+                prompt,
+                steps=request.steps,
+                guidance=guidance_scale if traits.guidance else None,
+                seed=request.seeds[0],
+                size=request.size,
+                model=WEIGHTS[model],
+                model_hash=self.model_hashes[model],
+                loras=tuple((lora.label, lora.scale, lora.autov3) for lora in applied.loras),
+                strength=request.images.get("strength"),
+            )
+            data = [dataclasses.replace(made, seed=request.seeds[i]) for i in kept]
+            with self.stage("encode"):
+                saved = self.outputs.save([outputs[i] for i in kept], output_format, output_quality, data)
             return [Path(p) for p in saved]
+
+    @contextmanager
+    def stage(self, name: str):
+        """Time a stage of a prediction into Cog's metrics as `<name>_time` (seconds), as Cog's own
+        `predict_time`; a no-op outside a prediction (Cog's record_metric)."""
+        timer = Timer()
+        try:
+            yield timer
+        finally:
+            timer.seconds = time.perf_counter() - timer.started
+            self.record_metric(f"{name}_time", round(timer.seconds, 4))
+
+
+@dataclass
+class Timer:
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+
+def log_step(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+    """The pipelines' callback_on_step_end: one short line per denoising step in the prediction's logs
+    (`step 3/28`), which Cog carries to clients (README, "Progress")."""
+    logger.info("step %d/%d", step + 1, pipe.num_timesteps)
+    return callback_kwargs
 
 
 @dataclass(frozen=True)
@@ -301,6 +338,11 @@ def check_inputs(
     model runs: a prompt, a LoRA source and a token are bounded strings, images in pixels (images.py)."""
     if prompt is None or not prompt.strip():
         raise UserError("prompt is empty: describe the image you want.")
+    if (odd := next((i for i, c in enumerate(prompt) if "\ud800" <= c <= "\udfff"), None)) is not None:
+        raise UserError(
+            f"prompt holds half of a UTF-16 pair ({prompt[odd].encode('unicode_escape').decode()} at character "
+            f"{odd + 1}), which is no character: send valid Unicode (was the prompt cut inside an emoji?)."
+        )
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(
             f"prompt is {len(prompt):,} characters, over the {MAX_PROMPT_CHARS:,} accepted: FLUX reads only its "

@@ -1,7 +1,7 @@
 """`make bench`: the CPU benchmark suite. Prints one table of ratios (each measured side by side in
 this run) with absolute times, and writes everything to bench/results/latest.json.
 
-    .venv/bin/python bench/run.py [--quick] [--only serving,lora,setup,cluster,allocator] [--out PATH]
+    .venv/bin/python bench/run.py [--quick] [--only serving,lora,encode,setup,cluster,allocator] [--out PATH]
 
 `allocator` (≈ 20 min: 1,000 predictions per variant) is not in the default set: `--only allocator` runs it;
 `--allocators tcmalloc,jemalloc` runs only the variants whose names hold one of those words (and the
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402  (also puts the project root on sys.path)
 
 logger = logging.getLogger("bench")
-SECTIONS = ("serving", "lora", "setup", "cluster")
+SECTIONS = ("serving", "lora", "encode", "setup", "cluster")
 EXTRA_SECTIONS = ("allocator",)  # on request only (--only allocator)
 
 
@@ -171,6 +171,33 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
                     f"({p['size']}², {p['text_tokens']} text tokens)",
                 )
             )
+    e = results.get("encode")
+    if e:
+        for fmt, fig in e["four_over_one"].items():
+            ms = fig["ms"]
+            rows.append(
+                (
+                    f"6. writing 4 outputs / 1, {fmt} ({e['size']}², quality {e['quality']}, one thread each; "
+                    f"{e['cpus']} CPUs)",
+                    f"{fig['4 / 1']:.2f}",
+                    "≤ 2" if fmt != "jpg" else "",
+                    f"{ms['4']:.0f} ms vs {ms['1']:.0f} ms, {fig['cores used by 4']:.1f} cores busy; one after "
+                    f"another (before): {fig['4 serial / 1']:.2f} ({ms['4 serial']:.0f} ms); "
+                    f"load {e['load_average'][0]:.1f}",
+                )
+            )
+        chosen = str(e["chosen_webp_method"])
+        for kind, methods in e["webp_methods"].items():
+            fig = methods[chosen]
+            rows.append(
+                (
+                    f"   … WebP method={chosen} / Pillow's default (4), {kind} picture: bytes; time",
+                    f"{fig['bytes / default']:.3f}; {fig['time / default']:.2f}",
+                    "bytes ≈ 1",
+                    f"{fig['bytes']:,} vs {methods['default']['bytes']:,} bytes; "
+                    f"{fig['ms']:.0f} vs {methods['default']['ms']:.0f} ms",
+                )
+            )
     st = results.get("setup")
     if st:
         t = st["seconds"]
@@ -299,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                 import bench_lora
 
                 results["lora"] = bench_lora.run(tree, quick=args.quick)
+            elif section == "encode":
+                import bench_encode
+
+                results["encode"] = bench_encode.run(rounds=3 if args.quick else 7)
             elif section == "setup":
                 import bench_setup
 

@@ -110,14 +110,23 @@ class LoraCache:
         return self.cache_dir / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".safetensors")
 
     def fetch(
-        self, source: str, tokens: UserTokens | None = None, *, operator: bool = False, deadline: float | None = None
+        self,
+        source: str,
+        tokens: UserTokens | None = None,
+        *,
+        operator: bool = False,
+        label: str | None = None,
+        deadline: float | None = None,
     ) -> Path:
         """A local, complete, valid .safetensors file for `source`; UserError (one line) on any failure.
 
         `tokens`: the user's own tokens (take precedence over the deployment's; sent to their site
         only). `operator=True`: the deployment's own LoRA: any local path, HF_TOKEN as a fallback.
+        `label`: the name to log instead of the source's (the operator's URL may be a secret).
         `deadline` (time.monotonic()): a whole request's LoRA downloads share it."""
         parsed = parse_source(source)
+        if label is not None:
+            parsed = dataclasses.replace(parsed, label=label)
         tokens = tokens or UserTokens()
         limits = Limits.from_env()
         if deadline is not None:

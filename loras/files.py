@@ -9,6 +9,7 @@ tensors that are not floating point. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -18,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from errors import UserError
+from untrusted import printable
 
 MAX_HEADER_BYTES = 100_000_000  # what the safetensors format itself allows
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # and the F8_* types
@@ -123,10 +125,11 @@ def pick_lora_file(names: list[str], where: str) -> str:
         if len(matches) == 1:
             return matches[0]
     if not candidates:
-        raise UserError(f"{where} holds no .safetensors file (found: {', '.join(names[:20]) or 'nothing'}).")
+        found = ", ".join(printable(n) for n in names[:20]) or "nothing"
+        raise UserError(f"{where} holds no .safetensors file (found: {found}).")
     raise UserError(
         f"{where} holds several .safetensors files and none is named {' or '.join(HF_PREFERRED)}: "
-        f"{', '.join(candidates[:20])}. Name the file in the URL (…/resolve/main/<file>)."
+        f"{', '.join(printable(n) for n in candidates[:20])}. Name the file in the URL (…/resolve/main/<file>)."
     )
 
 
@@ -140,7 +143,7 @@ def extract_tar(archive: Path, dest: Path, cap: int, what: str) -> None:
             name = pick_lora_file(sorted(members), f"{what}: the archive")
             member = members[name]
             if member.size > cap:
-                raise UserError(f"{what}: {name} is {member.size:,} bytes, over the {cap:,}-byte limit.")
+                raise UserError(f"{what}: {printable(name)} is {member.size:,} bytes, over the {cap:,}-byte limit.")
             with tar.extractfile(member) as src, open(dest, "wb") as out:
                 while chunk := src.read(CHUNK):
                     out.write(chunk)
@@ -178,3 +181,16 @@ def finalize_download(raw: Path, dest: Path, cap: int, what: str) -> None:
             inner.unlink(missing_ok=True)
         return
     raise UserError(f"{what}: {first_error}.")
+
+
+def autov3(path: Path) -> str:
+    """CivitAI's "AutoV3" hash of a safetensors LoRA: the first 12 hex digits of the SHA-256 of the
+    file's bytes after its 8-byte length and JSON header (the tensors only, so editing the metadata
+    keeps the hash), as sd-scripts' `addnet_hash_safetensors` computes it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]

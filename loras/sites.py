@@ -27,6 +27,7 @@ from loras.files import check_safetensors, pick_lora_file
 from loras.sources import CIVITAI_DEFAULT_QUERY, Source
 from net.fetch import Credential, Fetcher
 from net.url_guard import origin
+from untrusted import printable
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +155,12 @@ def _civitai_file(source, credential, fetcher: Fetcher, base: str, trusted, what
     files = [f for f in newest.get("files") or [] if isinstance(f, dict) and f.get("type", "Model") == "Model"]
     safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
     if not safetensors:
-        found = ", ".join(str(f.get("name", "?")) for f in files) or "none"
+        found = ", ".join(printable(f.get("name", "?")) for f in files) or "none"
         raise UserError(f"{what}: its newest version has no SafeTensor model file (files: {found}).")
     chosen = next((f for f in safetensors if f.get("primary")), safetensors[0])
-    logger.info("LoRA %s: newest version is %s (%s)", source.label, newest.get("id"), chosen.get("name"))
+    logger.info(
+        "LoRA %s: newest version is %s (%s)", source.label, printable(newest.get("id")), printable(chosen.get("name"))
+    )
     download = str(chosen.get("downloadUrl") or f"/api/download/models/{newest.get('id')}")
     parts = urlsplit(download)  # served from the configured endpoint, whatever host the API names
     return f"{base}{parts.path}" + (f"?{parts.query}" if parts.query else "")

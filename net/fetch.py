@@ -46,6 +46,7 @@ CHUNK = 1 << 20
 MAX_JSON_BYTES = 32 << 20
 USER_AGENT = "flux-lora-cog"
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+PROGRESS_EVERY_S = 0.5  # a download's progress in the logs: at most two lines a second
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces: nothing that could split a header
 
 
@@ -228,19 +229,24 @@ class Fetcher:
             raise UserError(f"{what}: the server did not answer with JSON ({redact(url)}).") from None
 
     def to_file(self, url: str, dest: Path, what: str, **kw) -> None:
-        """Download `url` into `dest`, at most LORA_MAX_FILE_BYTES, within the deadline."""
+        """Download `url` into `dest`, at most LORA_MAX_FILE_BYTES, within the deadline; its progress in the
+        logs (`LoRA x: 1,048,576 of 9,437,184 bytes`, "?" for an unknown total) every PROGRESS_EVERY_S."""
         cap = self.limits.max_file_bytes
         with self.open(url, what, **kw) as response:
             length = response.headers.get("content-length", "")
             if length.isdigit() and int(length) > cap:
                 raise UserError(f"{what}: the file is {int(length):,} bytes, over the {cap:,}-byte limit.")
-            size = 0
+            size, shown = 0, time.monotonic()
+            total = f"{int(length):,}" if length.isdigit() else "?"
             with open(dest, "wb") as out:
                 for chunk in response.chunks(what):
                     size += len(chunk)
                     if size > cap:
                         raise UserError(f"{what}: the file is over the {cap:,}-byte limit.")
                     out.write(chunk)
+                    if time.monotonic() - shown >= PROGRESS_EVERY_S:
+                        shown = time.monotonic()
+                        logger.info("%s: %s of %s bytes", what, f"{size:,}", total)
         if length.isdigit() and size != int(length):
             raise UserError(f"{what}: the download was cut short ({size:,} of {int(length):,} bytes).")
 

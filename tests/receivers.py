@@ -6,7 +6,8 @@ One threaded server (`Receiver`) plays every remote party a prediction talks to:
   body and answers 201 with a `Location` that `GET /files/<name>` serves back;
 - a webhook receiver: `POST /webhook` records each JSON payload (`wait_webhook` waits for one);
   `fail_webhooks(n, status)` makes the next n deliveries fail, to see Cog retry;
-- a file host for inputs and LoRAs: `serve(name, data)` publishes `GET /files/<name>`;
+- a file host for inputs and LoRAs: `serve(name, data)` publishes `GET /files/<name>` (`spread_s`: its
+  body sent in ten pieces over that many seconds, a slow download);
   any other GET is a 404, and `GET /hang[/anything]?s=N` sends nothing for N seconds (at most 60)
   before a 200, to stand in for a server that hangs.
 
@@ -36,6 +37,7 @@ class Receiver:
         self.uploads: dict[str, bytes] = {}
         self.upload_log: list[str] = []  # every PUT, in order (names can repeat if the server overwrote one)
         self.files: dict[str, tuple[bytes, str]] = {}
+        self.spread: dict[str, float] = {}  # name → seconds its body is sent over
         self.webhooks: list[dict] = []
         self.webhook_requests: list[tuple[dict, bytes]] = []  # (headers, raw body) of every delivery
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
@@ -89,7 +91,7 @@ class Receiver:
                 with receiver._cond:
                     receiver.webhook_requests.append((dict(self.headers.items()), raw))
                     failing = receiver._fail_webhooks.pop(0) if receiver._fail_webhooks else None
-                    receiver.webhooks.append({**payload, "_answered": failing or 200})
+                    receiver.webhooks.append({**payload, "_answered": failing or 200, "_at": time.monotonic()})
                     receiver._cond.notify_all()
                 self._send(failing or 200)
 
@@ -104,12 +106,30 @@ class Receiver:
                     name = unquote(parts.path[len("/files/") :])
                     if name in receiver.files:
                         data, content_type = receiver.files[name]
+                        if receiver.spread.get(name):
+                            return self._send_slowly(data, content_type, receiver.spread[name])
                         return self._send(200, data, {"Content-Type": content_type})
                     if name in receiver.uploads:
                         return self._send(200, receiver.uploads[name], {"Content-Type": "application/octet-stream"})
                 self._send(404, b"not found", {"Content-Type": "text/plain"})
 
             do_HEAD = do_GET
+
+            def _send_slowly(self, data: bytes, content_type: str, seconds: float):
+                headers = {"Content-Type": content_type, "Content-Length": str(len(data))}
+                try:
+                    self.send_response(200)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    piece = -(-len(data) // 10)
+                    for start in range(0, len(data), piece):
+                        self.wfile.write(data[start : start + piece])
+                        self.wfile.flush()
+                        if receiver._stop.wait(seconds / 10):
+                            return
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -131,9 +151,10 @@ class Receiver:
 
     # ---- configuration
 
-    def serve(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        """Publish `data` at GET /files/<name>; returns its URL."""
+    def serve(self, name: str, data: bytes, content_type: str = "application/octet-stream", spread_s: float = 0) -> str:
+        """Publish `data` at GET /files/<name> (sent over `spread_s` seconds); returns its URL."""
         self.files[name] = (data, content_type)
+        self.spread[name] = spread_s
         return f"{self.url}/files/{name}"
 
     def fail_webhooks(self, count: int, status: int = 503) -> None:

@@ -9,6 +9,7 @@ test_http_faults.py, the soak in test_soak.py, the fuzzer in test_fuzz.py.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import time
 
@@ -227,3 +228,62 @@ def test_failed_async_prediction_sends_failed_with_the_one_line_error(upload_ser
     assert final["status"] == "failed"
     assert final["error"].endswith("prompt is empty: describe the image you want.") and "\n" not in final["error"]
     assert not receiver.uploads
+
+
+# ---------------------------------------------------------------- progress and stage metrics
+
+STAGES = ("lora_fetch_time", "lora_apply_time", "generate_time", "safety_time", "encode_time")
+DOWNLOAD_LINE = re.compile(r"^LoRA someone/slow: ([\d,]+) of ([\d,]+) bytes$", re.M)
+STEP_LINE = re.compile(r"^step (\d+)/(\d+)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def progress_server(tiny_weights, receiver, tmp_path_factory):
+    """A server whose Replicate endpoint is the receiver: LoRAs come from it, as slowly as it sends them."""
+    env = {"REPLICATE_ENDPOINT": receiver.url + "/files", "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("lora"))}
+    with CogServer(tiny_weights, env=env) as server:
+        server.wait_for("READY")
+        yield server
+
+
+def test_steps_downloads_and_stage_metrics_reach_the_webhook_while_it_runs(progress_server, receiver, tiny_weights):
+    """What coglet 0.23.1 delivers for a sync run() (README, "Progress"): each webhook carries all the logs and
+    metrics so far, about every 0.5 s; our lines are one per step and at most two a second per download."""
+    import lora_fixtures as fx
+
+    from tests.cog_server import scaled_lora
+
+    archive = fx.tar_bytes({"lora.safetensors": scaled_lora(tiny_weights, 2.0), "README.md": b"x" * (6 << 20)})
+    receiver.serve("someone/slow/_weights", archive, spread_s=2.5)  # a 6 MB download over 2.5 s
+    receiver.clear()
+    inputs = {"prompt": "a cat", "seed": 3, "aspect_ratio": "custom", "width": 512, "height": 512}
+    inputs |= {"num_inference_steps": 40, "extra_lora": "someone/slow", "output_format": "png"}
+    assert progress_server.predict_async("progress", inputs, webhook=receiver.webhook_url).status_code == 202
+    final = receiver.wait_webhook("progress", timeout=120)
+    assert final["status"] == "succeeded", final
+    events = sorted(receiver.webhooks_for("progress"), key=lambda event: event["_at"])
+    running = [event for event in events if event["status"] == "processing"]
+
+    logs = final["logs"]
+    assert "\r" not in logs  # no progress bar's carriage returns
+    assert [int(step) for step, _ in STEP_LINE.findall(logs)] == list(range(1, 41))
+    assert {total for _, total in STEP_LINE.findall(logs)} == {"40"}
+    downloads = [tuple(int(n.replace(",", "")) for n in line) for line in DOWNLOAD_LINE.findall(logs)]
+    assert downloads and all(total == len(archive) and 0 < done <= total for done, total in downloads)
+    assert len(downloads) <= 2.5 / 0.5 + 1  # throttled: at most two lines a second
+    # While it runs: a download line before the download ends, a step line before the last step.
+    assert any(DOWNLOAD_LINE.search(e["logs"] or "") and "downloaded" not in e["logs"] for e in running)
+    assert any(STEP_LINE.search(e["logs"] or "") and "step 40/40" not in e["logs"] for e in running)
+
+    metrics = final["metrics"]
+    assert set(STAGES) <= set(metrics) and all(metrics[stage] >= 0 for stage in STAGES)
+    assert metrics["lora_fetch_time"] >= 2.0 and sum(metrics[stage] for stage in STAGES) <= metrics["predict_time"]
+    assert any("lora_fetch_time" in e["metrics"] and "generate_time" not in e["metrics"] for e in running)
+    progress_server.wait_for("READY")
+
+
+def test_a_sync_answer_carries_the_step_lines_and_stage_metrics(progress_server):
+    body = progress_server.predict({"prompt": "a cat", "seed": 4, **SMALL, "num_inference_steps": 3}).json()
+    assert body["status"] == "succeeded", body
+    assert STEP_LINE.findall(body["logs"]) == [("1", "3"), ("2", "3"), ("3", "3")]
+    assert set(STAGES) | {"predict_time"} <= set(body["metrics"])

@@ -113,3 +113,22 @@ def test_a_library_value_error_is_internal_with_its_traceback_in_the_logs(caplog
         with predict.user_errors():
             raise ValueError("boom")  # what diffusers, torch or PIL raise for their own reasons
     assert any(record.exc_info for record in caplog.records)
+
+
+def test_half_of_a_utf16_pair_in_the_prompt_is_the_users_one_line():
+    with pytest.raises(UserError, match=r"half of a UTF-16 pair \(\\ud83d at character 7\)"):
+        check(prompt="a cat \ud83d")
+
+
+def test_names_from_outside_are_logged_on_one_line():
+    """Archive members, hub listings and CivitAI's file names reach logs and errors escaped: a newline in
+    one cannot forge a log line, nor a right-to-left override reverse one."""
+    from loras.files import pick_lora_file
+    from untrusted import printable
+
+    assert printable("a\nINFO forged\u202etxt.exe\\x") == "a\\nINFO forged\\u202etxt.exe\\\\x"
+    assert printable("é 猫 🐱") == "é 猫 🐱" and printable("x" * 300) == "x" * 200 + "…"
+    for names in (["README\nINFO setup done"], ["a.safetensors", "b\r\n.safetensors"]):
+        with pytest.raises(UserError) as error:
+            pick_lora_file(names, "LoRA x: the archive")
+        assert "\n" not in str(error.value) and "\r" not in str(error.value)
