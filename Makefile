@@ -8,7 +8,7 @@ DIR ?= weights
 PORT ?= 5000
 TINY := .tiny-weights
 
-.PHONY: install demo test soak serve serve-cog tiny-weights schema lint bench clean
+.PHONY: install demo test test-browser soak serve serve-cog tiny-weights schema lint bench clean
 
 # Idempotent: re-running only installs what changed (the stamp follows pyproject.toml).
 install: $(VENV)/.installed
@@ -31,6 +31,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/gen_schema.py --check
 	$(BIN)/python -m pytest -q
+
+# The playground in a real browser (Debian's chromium and chromium-driver; CI installs them).
+test-browser: install
+	$(BIN)/python -m pytest -q -m browser tests/test_playground.py
 
 # The long soak (1,000 predictions over HTTP, ≈ 2.5 min on 2 cores); CI runs it after `make test`.
 soak: install

@@ -3,7 +3,7 @@
 Tests are hermetic: no outside network for this process or any Python process a test starts
 (tests/offline: connections and name lookups other than loopback fail at once), and no file read
 from outside the repository (what they need from elsewhere is copied in tests/data/).
-Tests marked `slow` run only when asked for (`-m slow`, as `make soak` does).
+Tests marked `slow` or `browser` run only when asked for (`-m slow`, `-m browser`: make soak, make test-browser).
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ network_guard.install()
 
 
 def pytest_collection_modifyitems(config, items):
-    if "slow" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: runs with -m slow (make soak)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    """Long suites run only when asked for by their marker: `slow` (make soak), `browser` (make test-browser)."""
+    asked = config.option.markexpr or ""
+    for marker, target in (("slow", "make soak"), ("browser", "make test-browser")):
+        if marker in asked:
+            continue
+        skip = pytest.mark.skip(reason=f"{marker}: runs with -m {marker} ({target})")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,7 @@ def test_a_prediction_runs_from_the_page_with_progress_and_its_seed(front, brows
     assert browser.find_element(By.CSS_SELECTOR, "#outputs a[download]").get_attribute("href").startswith("data:")
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#history li"))
     if os.environ.get("PLAYGROUND_SCREENSHOT"):
+        browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(os.environ["PLAYGROUND_SCREENSHOT"])
 
 
