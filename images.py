@@ -78,7 +78,8 @@ def size_for_image(width: int, height: int) -> tuple[int, int]:
                 f"image is {width}×{height}: too narrow for FLUX, whose sides must both fit "
                 f"{MIN_SIDE} to {MAX_SIDE} px. Crop it to an aspect ratio of at most 5.6:1."
             )
-    return round_to_multiple(width * scale), round_to_multiple(height * scale)
+    # Rounding to 16 can step past a bound (1448×256 → 1456): the sides stay within 256–1440.
+    return tuple(min(MAX_SIDE, max(MIN_SIDE, round_to_multiple(side * scale))) for side in (width, height))
 
 
 def open_image(path: str | Path, what: str) -> Image.Image:

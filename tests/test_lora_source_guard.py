@@ -154,3 +154,16 @@ def test_an_extra_lora_list_has_a_bounded_number_of_entries():
     assert len(split_sources(", ".join(f"o/m{i}" for i in range(MAX_EXTRA_LORAS)))) == MAX_EXTRA_LORAS
     with pytest.raises(UserError, match=f"lists {MAX_EXTRA_LORAS + 1} LoRAs, over the {MAX_EXTRA_LORAS} accepted"):
         split_sources(", ".join(f"o/m{i}" for i in range(MAX_EXTRA_LORAS + 1)))
+
+
+def test_a_requests_lora_downloads_share_one_deadline(tmp_path, monkeypatch):
+    """Each entry used to get the whole LORA_DOWNLOAD_TOTAL_TIMEOUT (900 s) of its own: the manager now
+    passes one deadline for all of them, and an entry fetched after it has passed fails at once."""
+    import time
+
+    from loras.cache import LoraCache
+
+    monkeypatch.setenv("LORA_DOWNLOAD_TOTAL_TIMEOUT", "5")
+    cache = LoraCache(tmp_path / "cache", 1 << 30)
+    with pytest.raises(UserError, match="the request's LoRA downloads took longer than 5 s in all"):
+        cache.fetch("https://example.com/second.safetensors", deadline=time.monotonic() - 0.1)

@@ -97,6 +97,8 @@ def test_custom_needs_both_width_and_height(width, height):
         ((16, 16), (256, 256)),
         ((333, 517), (336, 512)),  # rounded to multiples of 16
         ((1434, 256), (1440, 256)),
+        ((1448, 256), (1440, 256)),  # rounding stays within the bounds (it gave 1456)
+        ((256, 1447), (256, 1440)),
         ((8000, 8000), (1440, 1440)),
     ],
 )
