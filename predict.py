@@ -223,6 +223,7 @@ class Predictor(BaseRunner):
             pipe = self.models.get(model, request.mode)
 
             # 2. LoRAs: exactly the main one (or replicate_weights) at lora_scale plus the extra ones.
+            cache_before = self.loras.cache.counts.copy()
             applied = self.loras.apply(
                 pipe.transformer,
                 lora_scale,
@@ -233,6 +234,8 @@ class Predictor(BaseRunner):
             )
             self.record_metric("lora_fetch_time", round(applied.prepare_s, 4))
             self.record_metric("lora_apply_time", round(applied.write_s, 4))
+            for event in ("hits", "misses", "evictions"):  # the disk cache's, for the operator's metrics
+                self.record_metric(f"lora_cache_{event}", self.loras.cache.counts[event] - cache_before[event])
 
             # 3. Generate: one batch, output i from seed + i; a log line per step.
             logger.info(

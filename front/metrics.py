@@ -8,6 +8,8 @@ text format). Counts and timings only: no input, prompt, LoRA or token is ever a
                                              predict (Cog's predict_time)
     predictions_waiting, predictions_running accepted and not started / started and not finished
     model_servers{state}                     the model servers (the cluster's replicas) by state
+    lora_cache_events_total{event, server}   the LoRA disk cache of each model server: hits, misses
+                                             (downloads), evictions (from Cog's `lora_cache_<event>`)
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class Metrics:
         self.waiting = Gauge("predictions_waiting", "Accepted, not yet started", registry=self.registry)
         self.running = Gauge("predictions_running", "Started, not yet finished", registry=self.registry)
         self.servers = Gauge("model_servers", "Model servers (replicas) by state", ["state"], registry=self.registry)
+        self.lora_cache = Counter(
+            "lora_cache_events", "LoRA disk cache hits, misses and evictions", ["event", "server"],
+            registry=self.registry,
+        )  # fmt: skip
 
     def finished(self, record: Record) -> None:
         self.predictions.labels(record.status, mode_of(record.input)).inc()
@@ -42,6 +48,8 @@ class Metrics:
         for name, value in (record.metrics or {}).items():
             if isinstance(value, int | float) and name.endswith("_time"):
                 self.stages.labels(name.removesuffix("_time")).observe(max(float(value), 0.0))
+            elif isinstance(value, int | float) and name.startswith("lora_cache_") and value > 0:
+                self.lora_cache.labels(name.removeprefix("lora_cache_"), record.replica or "local").inc(value)
 
     def render(self, waiting: int, running: int, health: dict) -> bytes:
         self.waiting.set(waiting)

@@ -14,6 +14,7 @@ Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (defaul
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -95,6 +96,7 @@ class LoraCache:
         self.tmp_dir = self.cache_dir / ".tmp"
         self.lock_dir = self.cache_dir / ".locks"
         self.resolver = resolver
+        self.counts: collections.Counter[str] = collections.Counter()  # hits, misses, evictions since start
         self._cleaned = False
         redact_library_logs()
 
@@ -156,6 +158,7 @@ class LoraCache:
                 return dest
             start = time.monotonic()
             self._download(parsed, credential, endpoints, limits, dest, operator=operator)
+            self.counts["misses"] += 1
             logger.info(
                 "LoRA %s: downloaded %s bytes in %.2f s",
                 parsed.label,
@@ -192,8 +195,8 @@ class LoraCache:
         except FileNotFoundError:
             return False
 
-    @staticmethod
-    def _log_hit(source: Source, path: Path) -> None:
+    def _log_hit(self, source: Source, path: Path) -> None:
+        self.counts["hits"] += 1
         with contextlib.suppress(OSError):
             logger.info("LoRA %s: from the disk cache (%s bytes)", source.label, f"{path.stat().st_size:,}")
 
@@ -267,6 +270,7 @@ class LoraCache:
                     continue  # used since we looked: no longer the least recently used
                 path.unlink()
                 total -= size
+                self.counts["evictions"] += 1
                 logger.info("LoRA cache: evicted %s (%s bytes) to stay under %s bytes", path.name, size, self.max_bytes)
             finally:
                 lock.release()

@@ -346,8 +346,12 @@ def test_records_on_redis_survive_a_front_restart_and_stay_with_their_tenant(tin
         assert [r["id"] for r in listed] == [done["id"]]
 
 
-def test_metrics_count_predictions_and_their_stages(front):
-    assert front.post({"input": SMALL}).json()["status"] == "succeeded"
+def test_metrics_count_predictions_and_their_stages(front, rx, tiny_weights):
+    from tests.cog_server import scaled_lora
+
+    lora = rx.serve("metrics-lora.safetensors", scaled_lora(tiny_weights, 2.0))
+    for _ in range(2):  # a miss (download), then a hit
+        assert front.post({"input": {**SMALL, "extra_lora": lora}}).json()["status"] == "succeeded"
     response = requests.get(front.url + "/metrics", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -355,6 +359,9 @@ def test_metrics_count_predictions_and_their_stages(front):
     assert 'prediction_stage_seconds_count{stage="queue"}' in text
     assert 'prediction_stage_seconds_count{stage="predict"}' in text  # Cog's own predict_time
     assert 'model_servers{state="READY"} 1.0' in text
+    assert 'lora_cache_events_total{event="misses",server="local"} 1.0' in text
+    assert 'lora_cache_events_total{event="hits",server="local"} 1.0' in text
+    assert 'prediction_stage_seconds_count{stage="generate"}' in text
     assert "an ascii cat" not in text  # nothing a request said
 
 
@@ -367,6 +374,7 @@ def test_the_grafana_dashboard_queries_exported_metrics_only():
     metrics = Metrics()
     record = Record(id="x", tenant="", input={}, status="succeeded", started_at="2026-01-01T00:00:01Z")
     record.created_at, record.metrics = "2026-01-01T00:00:00Z", {"predict_time": 1.0}
+    record.metrics["lora_cache_hits"] = 1
     metrics.finished(record)
     metrics.render(0, 0, {"status": "READY"})
     exported = metrics.names()
@@ -374,7 +382,7 @@ def test_the_grafana_dashboard_queries_exported_metrics_only():
     queried = set()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            queried |= set(re.findall(r"\b((?:predictions?|prediction_stage|model)_[a-z_]+)\b", target["expr"]))
+            queried |= set(re.findall(r"\b((?:predictions?|prediction_stage|model|lora_cache)_[a-z_]+)\b", target["expr"]))
     assert queried and queried <= exported, queried - exported
 
 
