@@ -380,9 +380,10 @@ def test_the_grafana_dashboard_queries_exported_metrics_only():
     exported = metrics.names()
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
     queried = set()
+    name = re.compile(r"\b((?:predictions?|prediction_stage|model|lora_cache)_[a-z_]+)\b")
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            queried |= set(re.findall(r"\b((?:predictions?|prediction_stage|model|lora_cache)_[a-z_]+)\b", target["expr"]))
+            queried |= set(name.findall(target["expr"]))
     assert queried and queried <= exported, queried - exported
 
 
