@@ -403,3 +403,58 @@ def test_a_prediction_streams_its_record_until_it_completes(front):
     assert events[-1][0] == "completed" and events[-1][1]["status"] == "succeeded"
     assert all(name == "prediction" for name, _ in events[:-1])
     assert front.get(prediction_id).json()["progress"] is None  # finished
+
+
+# ---- the hostile-input battery through the front: each ends as its one line, nothing else changes
+
+
+def _gz_tar(data: bytes) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("lora.safetensors")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_hostile_lora_inputs_through_the_front(front, rx, tiny_weights):
+    from tests.cog_server import scaled_lora
+
+    bomb = rx.serve("bomb.tar", _gz_tar(b"\0" * (4 << 20)))
+    valid = rx.serve("ok-lora.safetensors", scaled_lora(tiny_weights, 1.5))
+    cases = {
+        "huggingface.co/own%20er/repo": "not a valid repo id",
+        "https://huggingface.co/a%2F..%2F..%2Fapi/whoami-v2": "not a valid repo id",
+        bomb: "compressed archive is not accepted",
+        ", ".join([valid] * 9): "over the 8 accepted",
+        "http://127.0.0.2:1/x.safetensors": "Refusing to fetch",
+        "/etc/passwd": "local paths are not accepted",
+    }
+    for extra_lora, expected in cases.items():
+        body = front.post({"input": {**SMALL, "extra_lora": extra_lora}}).json()
+        assert body["status"] == "failed" and expected in body["error"], (extra_lora[:60], body.get("error"))
+        assert "Traceback" not in body["error"] and "\n" not in body["error"].strip()
+    assert front.post({"input": {**SMALL, "extra_lora": valid}}).json()["status"] == "succeeded"
+
+
+def test_outputs_survive_metadata_that_does_not_fit(front):
+    """A JPEG whose parameters text is over 64 KB raised `EXIF data is too long` after the GPU work."""
+    long_prompt = "an ascii art 城堡 " * 600  # ~9,000 characters, UTF-16 in EXIF: over 64 KB with the rest
+    body = front.post({"input": {**SMALL, "prompt": long_prompt[:9_999], "output_format": "jpg"}}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    mime, data = decode_data_uri(body["output"][0])
+    assert mime == "image/jpeg" and data[:2] == b"\xff\xd8"
+
+
+def test_a_wide_input_image_stays_within_the_documented_sizes(front):
+    import io
+
+    from PIL import Image
+
+    wide = data_uri(png_bytes((1448, 256)))
+    body = front.post({"input": {**SMALL, "image": wide, "prompt_strength": 0.5, "output_format": "png"}}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert Image.open(io.BytesIO(decode_data_uri(body["output"][0])[1])).size == (1440, 256)
