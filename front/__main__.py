@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> None:
             if supervisor:
                 supervisor.cancel()
 
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, finish open requests, lifespan shutdown: the
+    # predictions drain) and raises the signal again once done: a handler of ours then turns it into
+    # a normal return, so that the Cog server is stopped cleanly below.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
     started = time.monotonic()
     try:
         asyncio.run(serve())

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 SERVER_DIED = "The model server stopped while running this prediction ({why}); the input was fine: retry it."
 FRONT_DIED = "The server restarted while this prediction was in flight; the input was fine: retry it."
 NO_SERVER = "No model server could take this prediction ({why}); retry it."
+FRONT_STOPPING = "The server is stopping and did not start this prediction; the input was fine: retry it."
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Predictions:
         self.jobs: dict[str, _Job] = {}
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
+        self.stopping = False
 
     async def start(self) -> None:
         await self._resolve_orphans()
@@ -83,14 +85,21 @@ class Predictions:
         self.tasks = [loop.create_task(self._worker()) for _ in range(self.backend.capacity)]
         self.tasks.append(loop.create_task(self._expire()))
 
-    async def stop(self) -> None:
-        """A clean stop: queued predictions are failed as a restart would leave them; running ones are
-        left to finish if the caller waits (front/__main__.py drains before stopping)."""
+    async def stop(self, drain_s: float = 25.0) -> None:
+        """A clean stop (SIGTERM): nothing new is accepted; predictions not yet handed to a model server
+        end `failed` (retry); running ones get up to `drain_s` seconds to finish, then end `failed`
+        too. Their webhooks hear it."""
+        self.stopping = True
+        for job in list(self.jobs.values()):
+            if not job.running:
+                await self._finish(job, FAILED, error=FRONT_STOPPING)
+        deadline = time.monotonic() + drain_s
+        while any(job.running for job in self.jobs.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         for task in self.tasks:
             task.cancel()
         for job in list(self.jobs.values()):
-            if not job.record.done:
-                await self._finish(job, FAILED, error=FRONT_DIED)
+            await self._finish(job, FAILED, error=FRONT_DIED)
         await self.webhooks.close()
 
     # ---- what the routes call
@@ -98,6 +107,8 @@ class Predictions:
     async def create(self, tenant: str, request: Prediction, *, queue_factor: int = 1, **fields) -> Record:
         """Record and queue a checked prediction; `fields`: more of the record's (api, base_url, stream).
         `queue_factor`: how many times `max_queued` may wait before this create is refused."""
+        if self.stopping:
+            raise RequestError(503, "The server is stopping: retry in a moment.")
         queued = sum(1 for job in self.jobs.values() if not job.placed)
         if queued >= self.max_queued * queue_factor:
             raise RequestError(429, f"Too many predictions are waiting ({queued}); retry in a few seconds.")
@@ -189,7 +200,7 @@ class Predictions:
     # ---- running them
 
     async def _worker(self) -> None:
-        while True:
+        while not self.stopping:
             prediction_id = await self.queue.get()
             job = self.jobs.get(prediction_id)
             if job is None or job.record.done or job.cancel:

@@ -458,3 +458,19 @@ def test_a_wide_input_image_stays_within_the_documented_sizes(front):
     body = front.post({"input": {**SMALL, "image": wide, "prompt_strength": 0.5, "output_format": "png"}}).json()
     assert body["status"] == "succeeded", body.get("error")
     assert Image.open(io.BytesIO(decode_data_uri(body["output"][0])[1])).size == (1440, 256)
+
+
+def test_sigterm_drains_the_running_prediction_and_fails_the_queued_one(tiny_weights, rx):
+    with FrontServer(tiny_weights, env={"ALLOWED_PRIVATE_ORIGINS": rx.url}) as front:
+        front.wait_ready()
+        running, queued = uuid.uuid4().hex, uuid.uuid4().hex
+        slow = {**SMALL, "num_inference_steps": 30, "width": 768, "height": 768}
+        for prediction_id in (running, queued):
+            body = {"id": prediction_id, "input": slow, "webhook": rx.webhook_url}
+            assert front.post(body, headers={"Prefer": "respond-async"}).status_code == 202
+        rx.wait_webhook(running, statuses=("processing",), timeout=30)
+        front.stop()  # SIGTERM, as Kubernetes and systemd stop it
+        assert front.process.returncode == 0, front.logs()[-2000:]
+        assert rx.wait_webhook(running, timeout=5)["status"] == "succeeded"
+        final = rx.wait_webhook(queued, timeout=5)
+        assert final["status"] == "failed" and "stopping" in final["error"]
