@@ -4,25 +4,36 @@
     python -m cluster --min-replicas 1 --max-replicas 4 # autoscaling
 
 Ray, its Serve proxy (the Cog HTTP API on --host:--port) and the replicas (each one Cog server)
-all run on this machine, the Cog servers on 127.0.0.1. Ctrl-C or SIGTERM stops
-everything this started: the app (each replica stops its Cog server and removes its folder),
-then Ray. On a Ray cluster of your own, run `serve run cluster.app:build …` instead.
+all run on this machine, the Cog servers on 127.0.0.1. Ctrl-C or SIGTERM, to this process or to
+its process group, stops everything this started within 20 s: the app (each replica stops its
+Cog server and removes its folder; up to 8 s), then Ray (up to 4 s), then any process it started
+that is still running (SIGTERM, SIGKILL 3 s later), whatever order the signals reached Ray's own
+processes in. A second Ctrl-C skips the waiting. On a Ray cluster of your own, run
+`serve run cluster.app:build …` instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
+
+from child_process import become_subreaper
+
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("cluster")
+SERVE_SHUTDOWN_S = 8.0  # the replicas stop their Cog servers (a running prediction is not waited for)
+RAY_SHUTDOWN_S = 4.0
 
 
 def _interrupt(signum, frame):
@@ -80,6 +91,80 @@ def cluster_args(options, gpus: float, cpus: float) -> dict:
     return args
 
 
+class Descendants:
+    """Every process this one started, directly or not, remembered from the start (psutil), so that
+    all of them can be ended whatever order they die in: this process adopts orphans (subreaper),
+    and one whose parent (raylet, a replica) died first is still here to end."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.me = psutil.Process()
+        self.seen: dict[int, psutil.Process] = {}
+        self.adopted: set[int] = set()  # not started by this process: reaped here when they exit
+        self.every_s = every_s
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        become_subreaper()
+        threading.Thread(target=self._watch, name="descendants", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            self.remember()
+            for pid in list(self.adopted):
+                with contextlib.suppress(ChildProcessError):  # not (yet) this process's child
+                    os.waitpid(pid, os.WNOHANG)
+                if not self.seen[pid].is_running():
+                    self.adopted.discard(pid)
+
+    def remember(self) -> list[psutil.Process]:
+        """The ones still running, after adding those started since the last look."""
+        with self.lock:
+            with contextlib.suppress(psutil.Error):
+                for process in self.me.children(recursive=True):
+                    if process.pid not in self.seen:
+                        self.seen[process.pid] = process
+                        if process.ppid() != self.me.pid:
+                            self.adopted.add(process.pid)
+            return [process for process in self.seen.values() if _running(process)]
+
+    def end(self, grace_s: float) -> None:
+        """SIGTERM to every one still running, SIGKILL to what is left after `grace_s`; reaped."""
+        self.stopped.set()
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+            alive = []
+            for process in self.remember():
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(sig)
+                    alive.append(process)
+            if not alive:
+                return
+            if sig == signal.SIGKILL:
+                logger.warning("killed %d processes that had not stopped", len(alive))
+            psutil.wait_procs(alive, timeout=wait_s)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _bounded(name: str, function, timeout: float) -> bool:
+    """`function()` in a thread, waited for at most `timeout` s: True if it finished (a second
+    signal ends the wait at once, as a timeout does)."""
+    thread = threading.Thread(target=function, name=name, daemon=True)
+    thread.start()
+    try:
+        thread.join(timeout)
+    except KeyboardInterrupt:
+        logger.warning("stopping now: %s is not waited for", name)
+        raise
+    if thread.is_alive():
+        logger.warning("%s did not finish within %.0f s: ending Ray's processes", name, timeout)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -88,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    descendants = Descendants()
     import ray
     from ray import serve
 
@@ -95,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Replica folders (LoRA caches, TMPDIR) go in a folder of this run's own, removed at the end.
     work_dir = Path(options.work_dir) if options.work_dir else Path(tempfile.mkdtemp(prefix="flux-cluster-"))
-    started, status = False, 0
+    started, status, clean = False, 0, True
     try:
         ray.init(include_dashboard=False, _temp_dir=options.ray_temp_dir)
         started = True
@@ -111,22 +197,28 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt as stop:
-        logger.info("stopping (%s)", stop or "SIGINT")
+        logger.info("stopping (%s; again to force)", stop or "SIGINT")
     except RuntimeError as error:  # the app failed to deploy: Ray's message says why (e.g. Cog's SETUP_FAILED)
         logger.error("%s", error)
         status = 1
     finally:
-        if started:
-            try:
-                serve.shutdown()  # each replica stops its Cog server and removes its folder
-            except KeyboardInterrupt:
-                logger.warning("stopping Ray now")
-            finally:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                ray.shutdown()
+        # 1. The app (each replica stops its Cog server), then Ray, each for a bounded time: a Ray
+        #    process that died first (raylet on a SIGTERM to the process group) makes them wait.
+        try:
+            if started:
+                clean = _bounded("serve.shutdown", serve.shutdown, SERVE_SHUTDOWN_S)
+                clean = _bounded("ray.shutdown", ray.shutdown, RAY_SHUTDOWN_S) and clean
+        except KeyboardInterrupt:
+            clean = False
+        # 2. Whatever is left of what this started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        descendants.end(grace_s=3.0 if clean else 1.0)
         if not options.work_dir:  # with what replicas that Ray killed past their grace period left
             shutil.rmtree(work_dir, ignore_errors=True)
+    if not clean:  # Ray's exit handlers would wait again for the processes just ended
+        logging.shutdown()
+        os._exit(status)
     return status
 
 

@@ -35,7 +35,7 @@ class ClusterArgs(BaseModel):
     loras_per_replica: int = Field(8, ge=1, description="LoRA ids each replica is routed by (LRU)")
     affinity: bool = Field(True, description="route by LoRA; False: Ray's plain routing")
     affinity_wait_s: float = Field(
-        2.0, ge=0, description="how long a request waits for a replica holding its LoRA (0: Ray's own multiplexing)"
+        2.0, ge=0, description="how long a request waits for a replica holding its LoRAs (0: Ray's own multiplexing)"
     )
     router_max_backoff_s: float = Field(0.1, gt=0, description="how often a queued request looks for a replica")
     upload_url: str | None = Field(None, description="each Cog server's --upload-url")
@@ -80,7 +80,7 @@ def build(args: ClusterArgs) -> serve.Application:
     router = {"max_backoff_s": args.router_max_backoff_s}
     if args.affinity and args.affinity_wait_s > 0:
         router["request_router_class"] = LoraAffinityRouter
-        router["request_router_kwargs"] = {"wait_s": args.affinity_wait_s}
+        router["request_router_kwargs"] = {"wait_s": args.affinity_wait_s, "loras_per_replica": args.loras_per_replica}
     replicas = CogReplica.options(
         max_ongoing_requests=1,
         max_queued_requests=args.max_queued_requests,
