@@ -48,7 +48,12 @@ class ClusterArgs(BaseModel):
     setup_timeout_s: float = Field(1800, gt=0, description="Cog start + setup() per replica")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
-    graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica finishes its prediction")
+    graceful_shutdown_timeout_s: float = Field(
+        1200,
+        ge=0,
+        description="a replica removed (scale-down, upgrade) takes no new work and finishes its prediction "
+        "for up to this long: a LoRA download may take LORA_DOWNLOAD_TOTAL_TIMEOUT (900 s), then the image",
+    )
     unavailable_retry_s: float = Field(30, ge=0, description="how long requests are re-sent past dead Cog servers")
     state_dir: str | None = Field(None, description="the front's prediction records (default FRONT_STATE_DIR)")
     prediction_store: str | None = Field(

@@ -318,6 +318,26 @@ def test_a_list_with_scales_finds_the_replica_holding_one_of_its_loras(cluster, 
     assert (downloads(rx, "f"), downloads(rx, "g")) == (1, 1)
 
 
+def test_a_hot_lora_spreads_when_its_replica_stays_busy(cluster, rx, request):
+    """Each request keeps its replica busy for longer than affinity_wait_s (2 s): three at once for
+    one LoRA do not all wait for the one replica holding it."""
+    slow = {**SMALL, "width": 1024, "height": 1024, "num_inference_steps": 20}
+    first = cluster.predict({"prompt": "hot", "seed": 0, "extra_lora": rx.loras["a"], **SMALL})
+    outputs(first)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(
+            pool.map(
+                lambda seed: cluster.predict({"prompt": "hot", "seed": seed, "extra_lora": rx.loras["a"], **slow}),
+                range(1, 4),
+            )
+        )
+    for answer in answers:
+        outputs(answer)
+    used = {replica(answer) for answer in answers}
+    assert replica(first) in used and len(used) >= 2, used
+    report(request, f"3 at once for a busy LoRA: {len(used)} replicas, {downloads(rx, 'a')} downloads in all")
+
+
 def test_a_burst_larger_than_the_replicas_all_succeeds_in_parallel(cluster, tiny_weights, request):
     """Each request brings a LoRA no replica has yet, from a host that takes DOWNLOAD_S to answer (a real
     download's stand-in): a request's time is mostly waiting, so it shows what a GPU per replica would,
