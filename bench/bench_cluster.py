@@ -7,7 +7,12 @@ Ray's router. The LoRA files come from a local host that waits DOWNLOAD_S before
 stand-in for fetching a real 50–300 MB LoRA (the tiny model's are a few KB). Both variants run on
 fresh replicas (cold caches) in one Ray instance, one after the other, with the same stream.
 
-Counted: downloads (GETs at the host) and parses (responses whose logs say "parsed N layers",
+Then a list-heavy stream over 10 other LoRAs (`<variant>_lists`): each request names a Zipf-drawn
+LoRA, and most also one or two more, as an `extra_lora` list with scales (`A:0.8, B:0.5`), so the
+same LoRA comes in many combinations; routing by each LoRA (ours) finds a replica holding some of
+them, routing by the whole list (Ray's multiplexing) only one that served that exact list.
+
+Counted: downloads (GETs at the host) and parses (lines "parsed N layers" in the responses' logs,
 after a download or from a replica's disk cache), per 100 requests; latency p50/p95 at the client.
 
     .venv/bin/python bench/run.py --only cluster
@@ -97,6 +102,22 @@ def zipf_stream(count: int, n: int, s: float, seed: int = 0) -> list[int]:
     return random.Random(seed).choices(range(n), weights=weights, k=count)
 
 
+def list_stream(count: int, n: int, s: float, seed: int = 1) -> list[tuple[int, ...]]:
+    """Requests naming 1 (20 %), 2 (50 %) or 3 (30 %) distinct Zipf-drawn LoRAs."""
+    rng = random.Random(seed)
+    weights = [1 / (k**s) for k in range(1, n + 1)]
+    stream = []
+    for _ in range(count):
+        size = rng.choices((1, 2, 3), weights=(2, 5, 3))[0]
+        picks: list[int] = []
+        while len(picks) < size:
+            pick = rng.choices(range(n), weights=weights)[0]
+            if pick not in picks:
+                picks.append(pick)
+        stream.append(tuple(picks))
+    return stream
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
@@ -119,16 +140,19 @@ def _wait_ready(url: str, replicas: int, timeout: float = 300) -> None:
     raise TimeoutError(f"{replicas} replicas were not READY after {timeout} s")
 
 
-def _stream(url: str, host: FileHost, picks: list[int], clients: int) -> dict:
-    def one(i: int) -> tuple[float, bool, str]:  # latency, parsed its LoRA, replica
-        inputs = {"prompt": f"bench {i}", "seed": i, "extra_lora": host.url(f"lora{picks[i]}.safetensors"), **SMALL}
+def _stream(url: str, host: FileHost, picks: list[tuple[int, ...]], clients: int, prefix: str = "lora") -> dict:
+    def one(i: int) -> tuple[float, int, str]:  # latency, LoRAs parsed, replica
+        sources = [host.url(f"{prefix}{k}.safetensors") for k in picks[i]]
+        if len(sources) > 1:
+            sources = [f"{source}:{scale}" for source, scale in zip(sources, (0.8, 0.5, 0.3), strict=False)]
+        inputs = {"prompt": f"bench {i}", "seed": i, "extra_lora": ", ".join(sources), **SMALL}
         started = time.monotonic()
         answer = requests.post(url + "/predictions", json={"input": inputs}, timeout=300)
         took = time.monotonic() - started
         body = answer.json()
         if answer.status_code != 200 or body.get("status") != "succeeded":
             raise RuntimeError(f"request {i}: {answer.status_code} {str(body)[:300]}")
-        return took, bool(PARSED.search(body.get("logs") or "")), answer.headers.get("X-Cluster-Replica", "")
+        return took, len(PARSED.findall(body.get("logs") or "")), answer.headers.get("X-Cluster-Replica", "")
 
     host.gets.clear()
     started = time.monotonic()
@@ -168,7 +192,9 @@ def run(tree: Path, *, quick: bool = False, count: int = 200, replicas: int = RE
 
     files = {f"lora{k}.safetensors": scaled_lora(tree, 1.0 + 0.25 * k) for k in range(LORAS)}
     one_lora = sum(t.nbytes for t in load_tensors(next(iter(files.values()))).values())  # as parsed in memory
-    picks = zipf_stream(count, LORAS, ZIPF_S)
+    files |= {f"list{k}.safetensors": scaled_lora(tree, -1.0 - 0.25 * k) for k in range(LORAS)}
+    picks = [(k,) for k in zipf_stream(count, LORAS, ZIPF_S)]
+    lists = list_stream(count, LORAS, ZIPF_S)
     token = Path.home() / ".ray" / "auth_token"
     token_existed = token.exists()
     results: dict = {
@@ -178,7 +204,8 @@ def run(tree: Path, *, quick: bool = False, count: int = 200, replicas: int = RE
         "download_s": DOWNLOAD_S,
         "zipf_s": ZIPF_S,
         "clients": replicas,
-        "stream": dict(Counter(picks).most_common()),
+        "stream": dict(Counter(k for (k,) in picks).most_common()),
+        "list_sizes": dict(Counter(len(request) for request in lists)),
     }
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -211,6 +238,7 @@ def run(tree: Path, *, quick: bool = False, count: int = 200, replicas: int = RE
                 _wait_ready(url, replicas)
                 logger.info("cluster bench: %s, %d replicas up in %.0f s", name, replicas, time.monotonic() - started)
                 results[name] = _stream(url, host, picks, clients=replicas)
+                results[f"{name}_lists"] = _stream(url, host, lists, clients=replicas, prefix="list")
                 serve.delete(name)
         finally:
             serve.shutdown()
@@ -220,6 +248,13 @@ def run(tree: Path, *, quick: bool = False, count: int = 200, replicas: int = RE
     if {"affinity", "ray_multiplex", "plain"} <= results.keys():
         a, m, p = (results[name] for name in ("affinity", "ray_multiplex", "plain"))
         results["ratios"] = {
+            "loads plain / affinity": p["parses_per_100"] / max(a["parses_per_100"], 1e-9),
+            "loads ray_multiplex / affinity": m["parses_per_100"] / max(a["parses_per_100"], 1e-9),
+            "downloads plain / affinity": p["downloads_per_100"] / max(a["downloads_per_100"], 1e-9),
+            "p95 affinity / plain": a["p95_s"] / p["p95_s"],
+        }
+        a, m, p = (results[f"{name}_lists"] for name in ("affinity", "ray_multiplex", "plain"))
+        results["ratios_lists"] = {
             "loads plain / affinity": p["parses_per_100"] / max(a["parses_per_100"], 1e-9),
             "loads ray_multiplex / affinity": m["parses_per_100"] / max(a["parses_per_100"], 1e-9),
             "downloads plain / affinity": p["downloads_per_100"] / max(a["downloads_per_100"], 1e-9),

@@ -35,7 +35,7 @@ class ClusterArgs(BaseModel):
     loras_per_replica: int = Field(8, ge=1, description="LoRA ids each replica is routed by (LRU)")
     affinity: bool = Field(True, description="route by LoRA; False: Ray's plain routing")
     affinity_wait_s: float = Field(
-        2.0, ge=0, description="how long a request waits for a replica holding its LoRA (0: Ray's own multiplexing)"
+        2.0, ge=0, description="how long a request waits for a replica holding its LoRAs (0: Ray's own multiplexing)"
     )
     router_max_backoff_s: float = Field(0.1, gt=0, description="how often a queued request looks for a replica")
     upload_url: str | None = Field(None, description="each Cog server's --upload-url")
@@ -48,7 +48,12 @@ class ClusterArgs(BaseModel):
     setup_timeout_s: float = Field(1800, gt=0, description="Cog start + setup() per replica")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
-    graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica finishes its prediction")
+    graceful_shutdown_timeout_s: float = Field(
+        1200,
+        ge=0,
+        description="a replica removed (scale-down, upgrade) takes no new work and finishes its prediction "
+        "for up to this long: a LoRA download may take LORA_DOWNLOAD_TOTAL_TIMEOUT (900 s), then the image",
+    )
     unavailable_retry_s: float = Field(30, ge=0, description="how long requests are re-sent past dead Cog servers")
     state_dir: str | None = Field(None, description="the front's prediction records (default FRONT_STATE_DIR)")
     prediction_store: str | None = Field(
@@ -80,7 +85,7 @@ def build(args: ClusterArgs) -> serve.Application:
     router = {"max_backoff_s": args.router_max_backoff_s}
     if args.affinity and args.affinity_wait_s > 0:
         router["request_router_class"] = LoraAffinityRouter
-        router["request_router_kwargs"] = {"wait_s": args.affinity_wait_s}
+        router["request_router_kwargs"] = {"wait_s": args.affinity_wait_s, "loras_per_replica": args.loras_per_replica}
     replicas = CogReplica.options(
         max_ongoing_requests=1,
         max_queued_requests=args.max_queued_requests,

@@ -10,10 +10,11 @@ first `Placed` (which Cog server took the request, so the ingress can send a can
 Cog's `Answer`; for an async prediction (`hold`) the stream stays open until the prediction ends,
 which keeps this replica's one slot taken so Ray routes nothing else to it meanwhile.
 
-The LoRA ids of the requests it served are advertised to Ray's router through
+The LoRA ids (routing.py) of the requests it served are advertised to Ray's router through
 `@serve.multiplexed` (`loras_per_replica` of them, least recently used first out); the LoRA work
 itself (download, parse, cache) is the Cog server's, in a LORA_CACHE_DIR of this replica's own.
 `check_health` fails when the Cog server has exited or reports SETUP_FAILED: Ray replaces it.
+The Cog server dies with its replica, however the replica dies (child_process.die_with_parent).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import httpx2
 import psutil
 import ray
 from ray import serve
+
+from child_process import die_with_parent
+from cluster.routing import lora_ids
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +144,15 @@ class CogProcess:
             args += ["--upload-url", self.settings.upload_url]
         output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (the child keeps it)
         try:
-            # Same process group as the replica: when Ray ends the replica's worker, it ends this too.
+            # Killed by the kernel when the replica dies, however it dies (its worker exits with it);
+            # started from the replica's event loop thread, which lives as long as the replica.
             self.process = subprocess.Popen(
-                args, cwd=ROOT, env=self.environment(port), stdout=output, stderr=subprocess.STDOUT if output else None
+                args,
+                cwd=ROOT,
+                env=self.environment(port),
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                preexec_fn=die_with_parent,
             )
         finally:
             if output:
@@ -231,8 +241,8 @@ class CogReplica:
     # ---- requests
 
     async def forward(self, request: Forward):
-        if model_id := serve.get_multiplexed_model_id():
-            await self.holds_lora(model_id)
+        for lora in lora_ids(serve.get_multiplexed_model_id()):
+            await self.holds_lora(lora)
         yield Placed(self.name, self.cog.url)
         answer = await self._send(request)
         yield answer

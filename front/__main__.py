@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import uvicorn
 
+from child_process import die_with_parent
 from front.app import create_app
 from front.backend import CogBackend
 from front.settings import FrontSettings
@@ -37,11 +37,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class CogProcess:
@@ -63,7 +58,7 @@ class CogProcess:
     def start(self) -> None:
         args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
         self.process = subprocess.Popen(
-            args, cwd=ROOT, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+            args, cwd=ROOT, env=self.env, start_new_session=True, preexec_fn=die_with_parent
         )
         logger.info("Cog server starting on %s (pid %d), reachable from this machine only", self.url, self.process.pid)
 

@@ -34,7 +34,7 @@ import requests
 import yaml
 
 from bench.bench_cluster import FileHost
-from cluster.routing import prediction_id, routing_key
+from cluster.routing import lora_ids, prediction_id, routing_key
 from tests.cog_server import ROOT, decode_data_uri, free_port, report, scaled_lora
 from tests.receivers import Receiver
 
@@ -73,6 +73,23 @@ def test_the_routing_key_is_the_normalised_lora_sources():
     assert routing_key(body_of({"prompt": "a", "replicate_weights": "owner/model", "extra_lora": "owner/model"})) == one
     # An id names no secret: a signed URL's query never reaches Ray's logs and metrics.
     assert "sig" not in routing_key(body_of({"prompt": "a", "extra_lora": url + "?sig=secret"}))
+
+
+def ids(**inputs) -> list[str]:
+    return lora_ids(routing_key(body_of({"prompt": "a", **inputs})))
+
+
+def test_each_lora_of_a_list_or_with_a_scale_has_its_own_id():
+    (pixar,) = ids(extra_lora="fofr/flux-pixar-cars")
+    assert ids(extra_lora="fofr/flux-pixar-cars:0.6") == [pixar]  # the scale is not the LoRA
+    assert ids(replicate_weights="fofr/flux-pixar-cars") == [pixar]
+    (a,), (c,) = ids(extra_lora="a/b"), ids(extra_lora="c/d")
+    assert ids(extra_lora="a/b, c/d") == ids(extra_lora="c/d:0.5\na/b") == sorted([a, c])
+    assert ids(replicate_weights="a/b", extra_lora="c/d:0.3") == sorted([a, c])
+    (file,) = ids(extra_lora="https://h/x.safetensors")
+    assert ids(extra_lora="https://h/x.safetensors:0.5") == [file]
+    assert ids(extra_lora="https://h:8080/x.safetensors") != [file]  # a port is not a scale
+    assert set(ids(extra_lora="fofr/flux-pixar-cars:0.6, a/b")) == {pixar, a}  # `A` then `A:0.6, B` share A
 
 
 @pytest.mark.parametrize(
@@ -176,11 +193,15 @@ class Cluster:
     def predict(self, inputs: dict, *, timeout: float = 180, **body) -> requests.Response:
         return requests.post(self.url + "/predictions", json={"input": inputs, **body}, timeout=timeout)
 
-    def stop(self, timeout: float = 90) -> list[str]:
-        """SIGTERM, as Ctrl-C or Kubernetes would; what is still alive afterwards (then killed)."""
+    def stop(self, timeout: float = 90, *, group: bool = False) -> list[str]:
+        """SIGTERM to the launcher, as Kubernetes would, or to its whole process group (`kill -- -PGID`,
+        systemd, a terminal's Ctrl-C); what is still alive `timeout` s later (then killed)."""
         self.remember()
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -210,7 +231,7 @@ def rx(tiny_weights):
     with Receiver() as receiver:
         receiver.loras = {
             name: receiver.serve(f"{name}.safetensors", scaled_lora(tiny_weights, factor))
-            for name, factor in zip("abcdef", (2.0, 3.0, 4.0, -2.0, -3.0, 0.5), strict=True)
+            for name, factor in zip("abcdefg", (2.0, 3.0, 4.0, -2.0, -3.0, 0.5, 1.5), strict=True)
         }
         yield receiver
 
@@ -273,6 +294,48 @@ def test_one_lora_is_downloaded_once_and_its_requests_land_on_one_replica(cluste
     spread = set().union(*served.values())
     assert len(spread) >= 2, f"three new LoRAs all went to one replica: {served}"
     report(request, f"LoRAs a, b, c → replicas {[sorted(served[n])[0] for n in 'abc']}, one download each")
+
+
+def test_a_sequential_stream_of_two_loras_downloads_each_once_in_the_cluster(cluster, rx, request):
+    """Each request is sent when the previous one answered: where a LoRA went is known at once, not
+    when its replica reports it to Ray's controller (seconds later)."""
+    served: dict[str, set[str]] = {"d": set(), "e": set()}
+    for seed, name in enumerate("ddeedede"):
+        answer = cluster.predict({"prompt": "a stream", "seed": seed, "extra_lora": rx.loras[name], **SMALL})
+        outputs(answer)
+        served[name].add(replica(answer))
+    assert (downloads(rx, "d"), downloads(rx, "e")) == (1, 1)
+    assert len(served["d"]) == len(served["e"]) == 1, served
+    report(request, f"d d e e d e d e: one download each; d on {served['d']}, e on {served['e']}")
+
+
+def test_a_list_with_scales_finds_the_replica_holding_one_of_its_loras(cluster, rx):
+    first = cluster.predict({"prompt": "f", "seed": 1, "extra_lora": rx.loras["f"], **SMALL})
+    outputs(first)
+    both = cluster.predict({"prompt": "f g", "seed": 2, "extra_lora": f"{rx.loras['f']}:0.6, {rx.loras['g']}", **SMALL})
+    outputs(both)
+    assert replica(both) == replica(first)
+    assert (downloads(rx, "f"), downloads(rx, "g")) == (1, 1)
+
+
+def test_a_hot_lora_spreads_when_its_replica_stays_busy(cluster, rx, request):
+    """Each request keeps its replica busy for longer than affinity_wait_s (2 s): three at once for
+    one LoRA do not all wait for the one replica holding it."""
+    slow = {**SMALL, "width": 1024, "height": 1024, "num_inference_steps": 20}
+    first = cluster.predict({"prompt": "hot", "seed": 0, "extra_lora": rx.loras["a"], **SMALL})
+    outputs(first)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(
+            pool.map(
+                lambda seed: cluster.predict({"prompt": "hot", "seed": seed, "extra_lora": rx.loras["a"], **slow}),
+                range(1, 4),
+            )
+        )
+    for answer in answers:
+        outputs(answer)
+    used = {replica(answer) for answer in answers}
+    assert replica(first) in used and len(used) >= 2, used
+    report(request, f"3 at once for a busy LoRA: {len(used)} replicas, {downloads(rx, 'a')} downloads in all")
 
 
 def test_a_burst_larger_than_the_replicas_all_succeeds_in_parallel(cluster, tiny_weights, request):
@@ -427,10 +490,25 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after_and_nothing_hang
     outputs(cluster.predict({"prompt": "after the flood", **SMALL}))
 
 
-def test_sigterm_stops_every_process_it_started(cluster):
+def test_a_replica_killed_outright_leaves_no_cog_server(cluster):
+    server = cluster.cog_servers()[0]
+    cog = [server, *server.children(recursive=True)]  # the Cog server and its worker
+    replica_process = server.parent()
+    assert "CogReplica" in " ".join(replica_process.cmdline())
+    replica_process.kill()  # as the OOM killer does: no exit handler runs
+    deadline = time.monotonic() + 10
+    while any(_alive(process) for process in cog):
+        assert time.monotonic() < deadline, [p.pid for p in cog if _alive(p)]
+        time.sleep(0.2)
+    cluster.wait_ready(timeout=120)  # Ray replaces the replica
+    outputs(cluster.predict({"prompt": "after the replica", **SMALL}))
+
+
+def test_sigterm_to_the_process_group_stops_every_process_it_started_within_20_s(cluster):
+    """raylet and gcs_server die at once, before the launcher asks Serve and Ray to stop."""
     servers = cluster.cog_servers()
     assert len(cluster.seen) > 10 and servers  # Ray's processes, the replicas, their Cog servers and workers
-    assert cluster.stop() == []
+    assert cluster.stop(timeout=20, group=True) == []
     assert cluster.process.returncode == 0, cluster.logs()[-3000:]
     assert list(cluster.tmp.iterdir()) == [], "replica folders left behind"
 
