@@ -26,7 +26,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from cluster import routing
-from cluster.replica import REGISTER_EVERY_S, CogUnavailable, Forward
+from cluster.replica import REGISTER_EVERY_S, CogUnavailable, Forward, Progress
 from front.app import create_app
 from front.backend import Stopped, Unavailable
 from front.settings import FrontSettings
@@ -51,7 +51,7 @@ class RayBackend:
     async def run(self, prediction_id: str, inputs: dict, on_event) -> dict:
         body = json.dumps({"id": prediction_id, "input": inputs}).encode()
         path = f"/predictions/{quote(prediction_id, safe='')}"
-        forward = Forward("PUT", path, (("content-type", "application/json"),), body)
+        forward = Forward("PUT", path, (("content-type", "application/json"),), body, progress=True)
         key = routing.routing_key(body) if self.affinity else ""
         deadline = time.monotonic() + self.unavailable_retry_s
         while True:
@@ -62,7 +62,8 @@ class RayBackend:
                 await on_event({"id": prediction_id, "status": "processing"})
                 if prediction_id in self.cancelled:
                     await self.cancel(prediction_id)
-                answer = await stream.__anext__()
+                while isinstance(answer := await stream.__anext__(), Progress):
+                    await on_event(answer.payload)  # the Cog server's logs: steps, downloads
             except CogUnavailable as error:
                 if time.monotonic() > deadline:
                     raise Unavailable(str(error)) from None

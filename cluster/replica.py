@@ -20,8 +20,12 @@ The Cog server dies with its replica, however the replica dies (child_process.di
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -78,6 +82,7 @@ class Forward:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     hold: bool = False  # an async prediction: keep this replica until it ends
+    progress: bool = False  # a prediction whose progress the caller follows (Progress items in the stream)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,52 @@ class Answer:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the Cog server reported of a running prediction (its webhook payload: logs, metrics)."""
+
+    payload: dict
+
+
+class ProgressReceiver:
+    """Cog's webhooks for this replica's predictions, on a loopback port of the replica's own (the
+    Cog server runs beside it): `POST /<id>` bodies are queued for that prediction's stream."""
+
+    def __init__(self):
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        if self.server is None:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            lines = request.decode("latin-1").split("\r\n")
+            path = lines[0].split(" ")[1] if len(lines[0].split(" ")) > 1 else ""
+            length = next(
+                (int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length"), 0
+            )
+            body = await asyncio.wait_for(reader.readexactly(min(length, 16 << 20)), timeout=10)
+            queue = self.queues.get(path.strip("/"))
+            if queue is not None:
+                with contextlib.suppress(ValueError):
+                    queue.put_nowait(json.loads(body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ValueError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
 
 class CogUnavailable(RuntimeError):
@@ -219,6 +270,7 @@ class CogReplica:
         if log_path:
             log_path.parent.mkdir(parents=True, exist_ok=True)
         self.client = httpx2.AsyncClient(timeout=httpx2.Timeout(None, connect=10.0))
+        self.progress = ProgressReceiver()
         self.cog = CogProcess(settings.cog_host or _node_address(), self.folder, settings, log_path)
 
         async def holds_lora(model_id: str) -> str:
@@ -244,10 +296,37 @@ class CogReplica:
         for lora in lora_ids(serve.get_multiplexed_model_id()):
             await self.holds_lora(lora)
         yield Placed(self.name, self.cog.url)
+        if request.progress:
+            async for item in self._with_progress(request):
+                yield item
+            return
         answer = await self._send(request)
         yield answer
         if request.hold and answer.status == 202:
             await self._until_idle()
+
+    async def _with_progress(self, request: Forward):
+        """`request` (a prediction PUT) with a webhook to this replica's receiver: Progress items
+        while it runs, then its Answer."""
+        await self.progress.start()
+        body = json.loads(request.body)
+        key = secrets.token_hex(16)
+        body["webhook"] = f"{self.progress.url}/{key}"
+        queue = self.progress.queues[key] = asyncio.Queue()
+        sent = dataclasses.replace(request, body=json.dumps(body).encode())
+        answer = asyncio.ensure_future(self._send(sent))
+        try:
+            while not answer.done():
+                waiting = asyncio.ensure_future(queue.get())
+                await asyncio.wait([answer, waiting], return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield Progress(waiting.result())
+                else:
+                    waiting.cancel()
+            yield answer.result()
+        finally:
+            answer.cancel()
+            self.progress.queues.pop(key, None)
 
     async def _send(self, request: Forward) -> Answer:
         deadline = time.monotonic() + self.settings.busy_retry_s
@@ -309,6 +388,8 @@ class CogReplica:
                 serve.get_deployment_handle(self.settings.ingress, app_name=self.app_name).unregister.remote(self.name)
             except Exception as error:
                 logger.info("replica %s: could not unregister: %s", self.name, error)
+        if getattr(self, "progress", None):
+            self.progress.close()
         if getattr(self, "cog", None):
             self.cog.stop()
         if getattr(self, "folder", None):

@@ -16,6 +16,7 @@ with Ray's own schema and the app's ClusterArgs.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -406,6 +407,58 @@ def test_an_async_prediction_reports_to_its_webhook(cluster, rx):
     assert final["status"] == "succeeded", final
     assert [decode_data_uri(uri)[1] for uri in final["output"]] == outputs(cluster.predict(inputs))
     assert "processing" in [w["status"] for w in rx.webhooks_for("async-1")]
+
+
+def test_progress_the_stream_and_metrics_through_the_clusters_front(cluster, rx):
+    """The replicas' Cog servers report to their replica, which streams it to the front: a record's
+    progress, its SSE stream and the metrics are the same on the cluster as on one server."""
+    body = {"id": "progress-1", "input": {"prompt": "steps", **SMALL, "num_inference_steps": 24, "width": 512}}
+    assert requests.post(cluster.url + "/predictions", json=body, headers={"Prefer": "respond-async"}, timeout=30).ok
+    seen = []
+    with requests.get(cluster.url + "/predictions/progress-1/stream", stream=True, timeout=120) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+    assert seen[-1]["status"] == "succeeded"
+    steps = [r["progress"]["done"] for r in seen if r.get("progress") and r["progress"]["stage"] == "generate"]
+    assert any(0 < done < 24 for done in steps), [r.get("progress") for r in seen]
+    assert "step 24/24" in seen[-1]["logs"]
+    text = requests.get(cluster.url + "/metrics", timeout=30).text
+    assert f'model_servers{{state="READY"}} {float(REPLICAS)}' in text or 'model_servers{state="BUSY"}' in text
+    assert 'prediction_stage_seconds_count{stage="generate"}' in text
+    assert 'predictions_total{mode="txt2img",status="succeeded"}' in text
+
+
+def test_replicates_client_runs_against_the_cluster(cluster):
+    replicate = pytest.importorskip("replicate")
+    client = replicate.Client(api_token="unused-on-an-open-front", base_url=cluster.url)
+    client.poll_interval = 0.1
+    (url,) = client.run("jan890/flux_dev_ascii_art", input={"prompt": "a cluster cat", **SMALL})
+    assert requests.get(url, timeout=30).content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_prediction_whose_cog_server_dies_mid_run_ends_failed_and_the_next_succeeds(cluster, rx):
+    body = {"id": "dies-1", "input": {"prompt": "doomed", **LONG}, "webhook": rx.webhook_url}
+    assert requests.post(cluster.url + "/predictions", json=body, headers={"Prefer": "respond-async"}, timeout=30).ok
+    rx.wait_webhook("dies-1", statuses=("processing",), timeout=60)
+    time.sleep(0.5)
+    record = requests.get(cluster.url + "/predictions/dies-1", timeout=30).json()
+    assert record["status"] == "processing"
+    workers = {server: server.children(recursive=True) for server in cluster.cog_servers()}
+    for children in workers.values():
+        for child in children:
+            child.cpu_percent(None)
+    time.sleep(0.5)
+    load = {s: sum(c.cpu_percent(None) for c in children) for s, children in workers.items()}
+    victim = max(load, key=load.get)  # the Cog server whose worker is denoising
+    for process in [victim, *workers[victim]]:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    final = rx.wait_webhook("dies-1", timeout=60)
+    assert final["status"] == "failed" and "retry" in final["error"], final.get("error")
+    assert requests.get(cluster.url + "/predictions/dies-1", timeout=30).json()["status"] == "failed"
+    cluster.wait_ready(timeout=180)
+    outputs(cluster.predict({"prompt": "after the crash", **SMALL}))
 
 
 def test_cancel_through_the_ingress_stops_the_right_prediction(cluster, rx):
