@@ -695,3 +695,13 @@ def test_a_cancel_while_switching_rank_buckets_is_undone(setup, hub):
             assert m.ranks_in_use(t) == twin.ranks_in_use(twin_t), (k, request)
             assert torch.equal(_outputs(t), _outputs(twin_t)), (k, request)
     m.reset()
+
+
+def test_rank_buckets_come_from_the_environment(setup, monkeypatch):
+    monkeypatch.setenv("LORA_MAX_RANK", "16")
+    monkeypatch.setenv("LORA_RANK_BUCKETS", "24, 8")
+    m = LoraManager.from_env([fx_transformer()], None, setup["cache"], main=setup["tree"] / "lora.safetensors")
+    assert m.buckets == (8, 24, 32) and "rank buckets 8/24/32" in m.adapter_shape  # the compile cache's key
+    monkeypatch.delenv("LORA_RANK_BUCKETS")
+    m = LoraManager.from_env([fx_transformer()], None, setup["cache"], main=setup["tree"] / "lora.safetensors")
+    assert m.buckets == (16, 32)  # the defaults up to the adapter's rank
