@@ -283,10 +283,19 @@ def per_step(base, files: dict[str, Path], extra: Path, cache_dir: Path, *, size
 
         return go
 
-    for model in models.values():  # warm-up on a small input (allocator, first-call costs)
-        step(model, small)()
-    times = interleaved({k: step(m, full) for k, m in models.items()}, rounds=rounds, warmup=0)
+    # Timed as one thread's CPU time: on a machine shared with other work, wall time with torch's
+    # thread pool measures the neighbours (a descheduled worker thread stalls every parallel op), while
+    # the CPU time of a single-threaded step is the work itself. The ratios are what they measure.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model in models.values():  # warm-up on a small input (allocator, first-call costs)
+            step(model, small)()
+        times = interleaved({k: step(m, full) for k, m in models.items()}, rounds, warmup=0, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
     result = {
+        "clock": "CPU time of one thread (torch.set_num_threads(1))",
         "size": size,
         "image_tokens": (size // 16) ** 2,
         "text_tokens": text_tokens,
