@@ -20,6 +20,7 @@ graph per bucket (warmed up in `compile_states`) and never recompiles on a swap 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -75,9 +76,32 @@ def _inject_adapter(model: torch.nn.Module, rank: int) -> dict[str, torch.nn.Mod
             up.weight = torch.nn.Parameter(column_major, requires_grad=False)
             if layer.scaling[ADAPTER] != 1.0:
                 raise RuntimeError(f"PEFT scales the adapter by {layer.scaling[ADAPTER]}, expected 1")
+            layer.lora_variant[ADAPTER] = _add_into_output()
             layer.set_adapter([ADAPTER], inference_mode=True)
             layer.enable_adapters(False)
     return layers
+
+
+@functools.cache
+def _add_into_output():
+    """PEFT's forward for our adapter (a LoRA "variant", PEFT's own plug for DoRA and the like):
+    the base layer's output += (x·Aᵀ)·Bᵀ, in place, one `addmm_`. PEFT's plain path computes
+    `result + lora_B(lora_A(x)) * scaling`: with our scaling of 1 that is a multiply and an add
+    over the whole output beside the two small matmuls, measured at FLUX width (3072 → 12288, 768
+    tokens, rank 16, one thread): +10 % on the layer against +1 % for this. PEFT calls variants
+    private ("prone to change"): tests/test_lora_apply.py checks the layer's output against its
+    effective weight. Can go when PEFT's own forward adds in place."""
+    from peft.tuners.lora.layer import LoraVariant
+
+    class AddIntoOutput(LoraVariant):
+        @staticmethod
+        def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+            down = module.lora_A[active_adapter].weight
+            up = module.lora_B[active_adapter].weight
+            result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ down.t(), up.t())
+            return result
+
+    return AddIntoOutput()
 
 
 def _linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

@@ -255,9 +255,10 @@ def _inputs(image_tokens: int, text_tokens: int) -> dict:
 
 def per_step(base, files: dict[str, Path], extra: Path, cache_dir: Path, *, size=256, text_tokens=512, rounds=3):
     """One denoising step (one transformer call) with no LoRA, with the rank-16 main LoRA, and with it
-    and a rank-128 extra, each through the bucketed adapter (ours) and through all of its ranks (the
-    design before: `rank_buckets=()`). The adapter is the default one: main 128 + extra 128."""
-    from lora_loader import RANK_BUCKETS, LoraManager
+    and a rank-128 extra, each through the bucketed adapter (ours) and as before this change: all of
+    its ranks (`rank_buckets=()`) through PEFT's own forward. The adapter is the default one: main
+    128 + extra 128."""
+    from lora_loader import ADAPTER, RANK_BUCKETS, LoraManager
     from loras.cache import LoraCache
 
     os.environ["LORA_LOCAL_DIR"] = str(extra.parent)
@@ -270,6 +271,9 @@ def per_step(base, files: dict[str, Path], extra: Path, cache_dir: Path, *, size
                 [model], None, LoraCache(cache_dir, 1 << 31), main=files["main"], rank_buckets=buckets
             )
             manager.apply(model, 1.0, extra_lora, 1.0)  # as predict does: the main LoRA at 1 (+ the extra)
+            if design == "all ranks":  # the design before, exactly: PEFT's own forward too
+                for layer in manager.adapter_layers(model).values():
+                    layer.lora_variant.pop(ADAPTER)
             name = f"{request}, {design}"
             models[name], ranks[name] = model, manager.ranks_in_use(model)
 

@@ -168,7 +168,7 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
             ours, before = f"{case}, ours", f"{case}, all ranks"
             rows.append(
                 (
-                    f"3. one step, {label} / no LoRA: ours ({n[ours]} ranks); all {n[before]} ranks (before)",
+                    f"3. one step, {label} / no LoRA: ours ({n[ours]} ranks); before (all {n[before]}, PEFT's forward)",
                     f"{r[ours]:.3f}; {r[before]:.3f}",
                     target,
                     f"{t[ours]:.2f} s; {t[before]:.2f} s vs {t['no LoRA']:.2f} s ({where})",

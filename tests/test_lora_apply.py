@@ -705,3 +705,22 @@ def test_rank_buckets_come_from_the_environment(setup, monkeypatch):
     monkeypatch.delenv("LORA_RANK_BUCKETS")
     m = LoraManager.from_env([fx_transformer()], None, setup["cache"], main=setup["tree"] / "lora.safetensors")
     assert m.buckets == (16, 32)  # the defaults up to the adapter's rank
+
+
+def test_every_adapted_layer_computes_its_effective_weight(setup, hub):
+    # The adapter's forward (lora_loader._add_into_output: the base output += (x·Aᵀ)·Bᵀ in place, on a
+    # span of the ranks) is exactly x·(W + Σ s·B·A)ᵀ + b, for 2-D and 3-D inputs, in every bucket.
+    s = setup
+    m, t = bucketed_manager(s)
+    r12 = fx.diffusers_peft(t, rank=12, seed=40)
+    hub.add("/extra/r12.safetensors", r12.to_bytes())
+    g = torch.Generator().manual_seed(7)
+    for request in ((1.0, None, 0.0), (-0.5, f"{hub.url}/extra/r12.safetensors", 0.8)):
+        m.apply(t, *request)
+        for layer in m.adapter_layers(t).values():
+            x = torch.randn(2, 3, layer.in_features, generator=g)
+            weight = fx.effective_weight(layer).float()
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.base_layer.bias))
+                torch.testing.assert_close(layer(x[0]), torch.nn.functional.linear(x[0], weight, layer.base_layer.bias))
+    m.reset()
