@@ -15,7 +15,8 @@ A request pays only for the ranks it uses. The main region fills from its end do
 region from its start up, so the live ranks of both are always one contiguous span around the
 boundary; PEFT's layers are shown only a span of the adapter holding them (a view of the full
 weights: no copy), its length one of a few rank buckets (`RANK_BUCKETS`). A compiled model has one
-graph per bucket (warmed up in `compile_states`) and never recompiles on a swap within one.
+graph per bucket (warmed up in `compile_states`) and never recompiles on a swap within one. The
+adapter's product is added into each layer's output in place (`_add_into_output`).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def _add_into_output():
         def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
             down = module.lora_A[active_adapter].weight
             up = module.lora_B[active_adapter].weight
-            result.view(-1, result.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ down.t(), up.t())
+            low = x.reshape(-1, x.shape[-1]) @ down.t()
+            if not result.is_contiguous():  # a base layer of another kind: no in-place view of its output
+                return result + (low @ up.t()).view(result.shape)
+            result.view(-1, result.shape[-1]).addmm_(low, up.t())
             return result
 
     return AddIntoOutput()

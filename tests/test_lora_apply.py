@@ -724,3 +724,20 @@ def test_every_adapted_layer_computes_its_effective_weight(setup, hub):
                 torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.base_layer.bias))
                 torch.testing.assert_close(layer(x[0]), torch.nn.functional.linear(x[0], weight, layer.base_layer.bias))
     m.reset()
+
+
+def test_the_adapter_forward_adds_into_a_strided_output_too(setup):
+    # A base layer whose output is not contiguous gets the sum as a new tensor, not a lost in-place write.
+    m, t = bucketed_manager(setup)
+    m.apply(t, 1.0, None, 0.0)
+    name, layer = next((n, x) for n, x in m.adapter_layers(t).items() if n in setup["main_delta"])
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(8))
+    base = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+    strided = base.t().contiguous().t()
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        out = lora_loader._add_into_output().forward(layer, lora_loader.ADAPTER, x, strided)
+    torch.testing.assert_close(
+        out, torch.nn.functional.linear(x, fx.effective_weight(layer).float(), layer.base_layer.bias)
+    )
+    m.reset()
