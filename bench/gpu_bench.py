@@ -435,7 +435,7 @@ class Bench:
     def run_model(self, kind: str) -> None:
         import tempfile
 
-        from lora_loader import RANK_BUCKETS, LoraManager
+        from lora_loader import ADAPTER, RANK_BUCKETS, LoraManager
         from loras.cache import LoraCache
 
         args = self.args
@@ -462,6 +462,9 @@ class Bench:
             cache = LoraCache(directory, 1 << 40)
             buckets = RANK_BUCKETS if args.rank_buckets is None else tuple(args.rank_buckets)
             manager = LoraManager([pipe.transformer], None, cache, args.max_rank, main=main, rank_buckets=buckets)
+            if args.peft_forward:  # the design before: PEFT's own forward, not lora_loader's in-place add
+                for layer in manager.adapter_layers(pipe.transformer).values():
+                    layer.lora_variant.pop(ADAPTER)
             self.sync()
             adapter_params = sum(p.numel() for n, p in pipe.transformer.named_parameters() if ".lora_" in n)
             info.update(
@@ -469,6 +472,7 @@ class Bench:
                 adapter_rank=manager.rank,
                 adapter_regions={r: len(manager.regions[r]) for r in manager.regions},
                 rank_buckets=list(manager.buckets),
+                peft_forward=args.peft_forward,
                 adapter_layers=sum(1 for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")),
                 adapter_params_m=round(adapter_params / 1e6, 1),
             )
@@ -679,6 +683,9 @@ def parse_args(argv=None):
         default=None,
         help="LoraManager rank_buckets (default lora_loader.RANK_BUCKETS; none given: every step through the "
         "adapter's full rank, the design before buckets)",
+    )
+    parser.add_argument(
+        "--peft-forward", action="store_true", help="PEFT's own LoRA forward (the design before lora_loader's)"
     )
     parser.add_argument(
         "--lora-runs", type=int, default=1, help="timed runs per LoRA request (main+extra, off, ...) of every case"
