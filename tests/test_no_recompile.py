@@ -213,7 +213,7 @@ def test_the_harness_catches_a_recompile(compiled):
         runner.loras.reset()
 
 
-def test_inductor_serves_every_rank_bucket_without_recompiling(tmp_path, monkeypatch):
+def test_inductor_serves_every_rank_bucket_without_recompiling(tmp_path, monkeypatch, request):
     """The real backend: a tiny transformer's blocks compiled by inductor (as fast_path does, on the
     CPU), warmed up in `compile_states`; then LoRAs of several ranks move between buckets and the
     span's position, computing what the same modules compute uncompiled."""
@@ -223,7 +223,9 @@ def test_inductor_serves_every_rank_bucket_without_recompiling(tmp_path, monkeyp
     from loras.cache import LoraCache
     from scripts.tiny_weights import flux_transformer
 
-    monkeypatch.setattr(fx_config, "use_duck_shape", False)
+    duck = fx_config.use_duck_shape  # put back by setattr (monkeypatch's undo would hide the setting)
+    request.addfinalizer(lambda: setattr(fx_config, "use_duck_shape", duck))
+    fx_config.use_duck_shape = False
     monkeypatch.setenv("LORA_LOCAL_DIR", str(tmp_path))
     torch._dynamo.reset()
     transformer = flux_transformer(True, 0).requires_grad_(False)
