@@ -13,11 +13,15 @@ Call order in setup() (Predictor.compile → pipelines.FluxModels.optimize):
                                                  #    start saved; on exit save them (FluxModels.optimize)
         for each transformer (dev, schnell):
             optimize_pipeline(pipe, fp8=...)     # 3. attention backend, fp8, compile (lazy)
-            for _ in loras.compile_states(transformer):   # adapters on, then off
+            for _ in loras.compile_states(transformer):   # adapter on in each rank bucket, then off
                 warmup(pipe, sizes)              # 4. compiles now, not on the first request
 
-Per request, `LoraManager.apply` copies A and scale·B into the adapter's weights in place:
-tensors change, the graphs do not (tests/test_no_recompile.py checks that no request recompiles).
+Per request, `LoraManager.apply` copies A and scale·B into the adapter's weights in place, and
+shows PEFT's layers the span of ranks in use, one of a few lengths (rank buckets, 16 to 256 by
+default: `lora_loader.RANK_BUCKETS`): a request with a rank-16 LoRA multiplies through 16 ranks,
+not the adapter's 256. A parameter's shape is part of what a graph is specialised on, so each
+bucket is a graph of its own, compiled in the warm-up; the span's position and the values are not
+(tests/test_no_recompile.py checks that no request recompiles, on the eager and inductor backends).
 What does recompile a compiled transformer (each time its state changes; measured): switching the
 PEFT adapters on or off (a graph per state, hence a warm-up in each of `compile_states`);
 `set_adapters(...)` (it turns PEFT's scales into Python floats the graph is specialised on) and
@@ -62,6 +66,11 @@ DYNAMIC_SHAPES = True
 # compiled channels_last; channels_last without compile is slower, 142 ms, so it goes with compile).
 COMPILE_VAE_DECODER = True
 
+# torch.compile's graphs per compiled code object (torch's default: 8; past it a fullgraph compile
+# fails). The repeated blocks need one per LoRA rank bucket and one with the adapter off, each at
+# batch 1 and batch ≥ 2 (dev and schnell share them): 14 with the default 6 buckets.
+RECOMPILE_LIMIT = 64
+
 # fp8 needs Ada/Hopper or newer (hardware float8 matrix units).
 FP8_MIN_CAPABILITY = (8, 9)
 
@@ -103,6 +112,7 @@ def optimize_pipeline(pipe, *, fp8: bool = False) -> None:
     import torch.fx.experimental._config as fx_config
 
     fx_config.use_duck_shape = False
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=DYNAMIC_SHAPES)
     enabled.append(f"compiled repeated blocks (dynamic={DYNAMIC_SHAPES})")
     if COMPILE_VAE_DECODER:

@@ -7,14 +7,22 @@ limit for extra LoRAs). Stacking the two LoRAs' ranks in one adapter computes
 s₁·B₁·A₁·x + s₂·B₂·A₂·x as one [B₁ B₂]·[A₁; A₂]·x: one pair of small matmuls and one add per
 layer instead of two, and no ranks spent on padding the main LoRA up to the extra limit. A
 request copies its LoRAs into their regions in place (A padded with zero rows, s·B with zero
-columns), so the effect is s·B·A·x once, shapes never change (a compiled model never recompiles
-on a swap), base weights are never modified, and a model with no LoRA in effect has its adapter
-disabled: exactly the base. File formats are loras/formats.py's concern.
+columns), so the effect is s·B·A·x once, base weights are never modified, and a model with no
+LoRA in effect has its adapter disabled: exactly the base. File formats are loras/formats.py's
+concern.
+
+A request pays only for the ranks it uses. The main region fills from its end down, the extra
+region from its start up, so the live ranks of both are always one contiguous span around the
+boundary; PEFT's layers are shown only a span of the adapter holding them (a view of the full
+weights: no copy), its length one of a few rank buckets (`RANK_BUCKETS`). A compiled model has one
+graph per bucket (warmed up in `compile_states`) and never recompiles on a swap within one. The
+adapter's product is added into each layer's output in place (`_add_into_output`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -39,6 +47,10 @@ logger = logging.getLogger(__name__)
 ADAPTER = "loras"  # the one PEFT adapter holding both regions
 REGIONS = ("main", "extra")
 RANK_ALIGN = 8  # the main region is rounded up to this (matmul-friendly sizes)
+# The lengths of the adapter's span PEFT's layers are shown (the adapter's full rank is always the
+# last): a compiled transformer has one graph per bucket. 160 is the common main LoRA (rank ≤ 32)
+# plus one extra at the largest rank Replicate's trainer makes (128). LORA_RANK_BUCKETS overrides.
+RANK_BUCKETS = (16, 32, 64, 128, 160, 256)
 
 # ---------------------------------------------------------------- the adapter in the models
 
@@ -68,9 +80,35 @@ def _inject_adapter(model: torch.nn.Module, rank: int) -> dict[str, torch.nn.Mod
             up.weight = torch.nn.Parameter(column_major, requires_grad=False)
             if layer.scaling[ADAPTER] != 1.0:
                 raise RuntimeError(f"PEFT scales the adapter by {layer.scaling[ADAPTER]}, expected 1")
+            layer.lora_variant[ADAPTER] = _add_into_output()
             layer.set_adapter([ADAPTER], inference_mode=True)
             layer.enable_adapters(False)
     return layers
+
+
+@functools.cache
+def _add_into_output():
+    """PEFT's forward for our adapter (a LoRA "variant", PEFT's own plug for DoRA and the like):
+    the base layer's output += (x·Aᵀ)·Bᵀ, in place, one `addmm_`. PEFT's plain path computes
+    `result + lora_B(lora_A(x)) * scaling`: with our scaling of 1 that is a multiply and an add
+    over the whole output beside the two small matmuls, measured at FLUX width (3072 → 12288, 768
+    tokens, rank 16, one thread): +10 % on the layer against +1 % for this. PEFT calls variants
+    private ("prone to change"): tests/test_lora_apply.py checks the layer's output against its
+    effective weight. Can go when PEFT's own forward adds in place."""
+    from peft.tuners.lora.layer import LoraVariant
+
+    class AddIntoOutput(LoraVariant):
+        @staticmethod
+        def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+            down = module.lora_A[active_adapter].weight
+            up = module.lora_B[active_adapter].weight
+            low = x.reshape(-1, x.shape[-1]) @ down.t()
+            if not result.is_contiguous():  # a base layer of another kind: no in-place view of its output
+                return result + (low @ up.t()).view(result.shape)
+            result.view(-1, result.shape[-1]).addmm_(low, up.t())
+            return result
+
+    return AddIntoOutput()
 
 
 def _linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -88,9 +126,13 @@ class _Region:
     ranks hold something unknown. `written` is, per layer, an upper bound on the leading ranks
     that may be non-zero (beyond it, the region is zero): raised before a write, lowered after a
     zeroing, so it holds at every line and a dirty region can always be zeroed exactly.
+
+    Ranks are counted from the region's start, or from its end when `descending` (the main region,
+    so that its live ranks and the extra region's meet at the boundary): `ranks` maps them.
     """
 
     span: range
+    descending: bool = False
     loras: tuple[tuple[str, float], ...] | None = ()
     labels: tuple[str, ...] = ()
     written: dict[str, int] = field(default_factory=dict)
@@ -98,6 +140,13 @@ class _Region:
     @property
     def status(self) -> str:
         return "dirty" if self.loras is None else "loaded" if self.loras else "clean"
+
+    def ranks(self, begin: int, end: int) -> tuple[int, int]:
+        """The adapter's ranks [lo, hi) holding the region's ranks [begin, end) (a LoRA's rank order
+        kept; empty when end <= begin)."""
+        if self.descending:
+            return self.span.stop - end, self.span.stop - begin
+        return self.span.start + begin, self.span.start + end
 
 
 @dataclass
@@ -110,11 +159,15 @@ class _Target:
     layers: dict[str, torch.nn.Module]
     regions: dict[str, _Region]
     enabled: bool | None = False
-    # name → the adapter's (A [rank, in], B [out, rank]) weights of that layer, looked up once.
+    # name → the adapter's full (A [rank, in], B [out, rank]) weights of that layer, looked up once.
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(init=False)
+    # The adapter's ranks PEFT's layers are shown (None while being switched).
+    shown: range | None = field(init=False)
 
     def __post_init__(self):
         self.weights = {n: (m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight) for n, m in self.layers.items()}
+        first = next(iter(self.weights.values()), None)
+        self.shown = range(first[0].shape[0] if first is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -156,12 +209,15 @@ class LoraManager:
         main: Path | None = None,
         max_main_rank: int | None = None,
         main_label: str | None = None,
+        rank_buckets: tuple[int, ...] = RANK_BUCKETS,
     ):
         """`main`: the deployment's own fine-tune, a local file (None: plain FLUX).
         `max_rank`: the ranks the extra LoRAs of one request share (LORA_MAX_RANK), the extra region.
         `max_main_rank`: the largest per-request fine-tune (`replicate_weights`) served
         (LORA_MAX_MAIN_RANK, default `max_rank`; 0: none). The main region holds the larger of it
-        and the deployment's own LoRA's rank, rounded up to a multiple of 8."""
+        and the deployment's own LoRA's rank, rounded up to a multiple of 8.
+        `rank_buckets`: the lengths of the span of ranks a step multiplies through (RANK_BUCKETS; the
+        adapter's full rank is added)."""
         start = time.monotonic()
         self.transformers = list(transformers)
         self.text_encoder = text_encoder
@@ -183,18 +239,25 @@ class LoraManager:
         main_ranks = max(self.main.rank if self.main else 0, self.max_main_rank)
         main_ranks = -(-main_ranks // RANK_ALIGN) * RANK_ALIGN
         self.regions = {"main": range(0, main_ranks), "extra": range(main_ranks, main_ranks + self.max_rank)}
+        self.buckets = tuple(sorted({b for b in map(int, rank_buckets) if 0 < b < self.rank} | {self.rank}))
         models = [(m, "transformer") for m in self.transformers]
         models += [(text_encoder, "text_encoder")] if text_encoder is not None else []
         self._targets = [
-            _Target(model, component, _inject_adapter(model, self.rank), {r: _Region(self.regions[r]) for r in REGIONS})
+            _Target(
+                model,
+                component,
+                _inject_adapter(model, self.rank),
+                {r: _Region(self.regions[r], descending=r == "main") for r in REGIONS},
+            )
             for model, component in models
         ]
         self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()  # parsed LoRAs by file identity
         logger.info(
-            "LoRA adapter of rank %d (main %d + extra %d) in %d layers of %d model(s) in %.2f s",
+            "LoRA adapter of rank %d (main %d + extra %d; rank buckets %s) in %d layers of %d model(s) in %.2f s",
             self.rank,
             len(self.regions["main"]),
             len(self.regions["extra"]),
+            "/".join(map(str, self.buckets)),
             sum(len(t.layers) for t in self._targets),
             len(self._targets),
             time.monotonic() - start,
@@ -216,14 +279,17 @@ class LoraManager:
     @property
     def adapter_shape(self) -> str:
         """What a compiled graph depends on in the adapter (for the compile cache's key)."""
-        return f"LoRA adapter rank {self.rank} (main {len(self.regions['main'])})"
+        buckets = "/".join(map(str, self.buckets))
+        return f"LoRA adapter rank {self.rank} (main {len(self.regions['main'])}), rank buckets {buckets}"
 
     @classmethod
     def from_env(
         cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None, main_label: str | None = None
     ) -> LoraManager:
-        """LORA_MAX_RANK (default 128), LORA_MAX_MAIN_RANK (default LORA_MAX_RANK) and
-        LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB)."""
+        """LORA_MAX_RANK (default 128), LORA_MAX_MAIN_RANK (default LORA_MAX_RANK),
+        LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB) and LORA_RANK_BUCKETS
+        (comma-separated, default RANK_BUCKETS: fewer buckets, fewer graphs to compile in setup)."""
+        buckets = os.environ.get("LORA_RANK_BUCKETS", "").strip()
         return cls(
             transformers,
             text_encoder,
@@ -233,6 +299,7 @@ class LoraManager:
             main=main,
             main_label=main_label,
             max_main_rank=int(os.environ["LORA_MAX_MAIN_RANK"]) if os.environ.get("LORA_MAX_MAIN_RANK") else None,
+            rank_buckets=tuple(int(b) for b in buckets.split(",") if b.strip()) if buckets else RANK_BUCKETS,
         )
 
     # ---- what the predictor calls
@@ -287,7 +354,12 @@ class LoraManager:
         empty: dict[str, list[tuple[ParsedLora, float]]] = {r: [] for r in REGIONS}
         plan = [(t, wanted if t is target or t.component == "text_encoder" else empty) for t in self._targets]
         applied = tuple(AppliedLora(lora.label, s, self._autov3[lora.digest]) for r in REGIONS for lora, s in wanted[r])
-        if all(t.enabled == _on(want) and all(_holds(t.regions[r], want[r]) for r in REGIONS) for t, want in plan):
+        if all(
+            t.enabled == _on(want)
+            and all(_holds(t.regions[r], want[r]) for r in REGIONS)
+            and (not _on(want) or t.shown == self._live(want))
+            for t, want in plan
+        ):
             for t, want in plan:  # the same files: the labels are still this request's own
                 for region in REGIONS:
                     t.regions[region].labels = tuple(lora.label for lora, _ in want[region])
@@ -299,38 +371,47 @@ class LoraManager:
             for t, want in plan:
                 for region in REGIONS:
                     changed += self._fill(t, region, want[region])
+                if _on(want):
+                    self._show(t, self._live(want))
                 self._enable(t, _on(want))
         except BaseException:
             self.reset()
             raise
         done = time.monotonic()
         logger.info(
-            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms): %s",
+            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms; %d ranks per step): %s",
             (done - start) * 1000,
             changed,
             (done - writing) * 1000,
+            self.ranks_in_use(transformer),
             self._describe(target, wanted),
         )
         return Applied(applied, writing - start, done - writing)
 
     def compile_states(self, transformer: torch.nn.Module):
         """Put `transformer` in each state a torch.compile graph is specialised on, yielding in each:
-        adapter on, then off. What the adapter holds does not matter (the graph reads its weights as
-        tensors), so this works with no main LoRA too. Ends at the exact base model."""
+        adapter on with a span of each rank bucket's length, then off. What the adapter holds and
+        where the span starts do not matter (the graph reads its weights as tensors of a given
+        shape), so this works with no main LoRA too. Ends at the exact base model."""
         target = self._target(transformer)
         try:
-            for enabled in (True, False):
-                self._enable(target, enabled)
+            for length in self.buckets:
+                self._show(target, range(self.rank - length, self.rank))
+                self._enable(target, True)
                 yield
+            self._enable(target, False)
+            yield
         finally:
             self.reset()
 
     def reset(self) -> None:
-        """Back to the exact base model: every region zeroed, every adapter off."""
+        """Back to the exact base model: every region zeroed, every adapter off (and showing all of
+        its ranks, as PEFT made it)."""
         for target in self._targets:
             for region in REGIONS:
                 self._fill(target, region, [])
             self._enable(target, False)
+            self._show(target, range(self.rank))
 
     # ---- the public view (logs, tests)
 
@@ -341,6 +422,11 @@ class LoraManager:
             loras = () if region.loras is None else tuple(zip(region.labels, (s for _, s in region.loras), strict=True))
             views[name] = RegionView(region.status, loras)
         return views
+
+    def ranks_in_use(self, model: torch.nn.Module) -> int:
+        """The ranks every LoRA layer of `model` multiplies through per step: 0 while its adapter is off."""
+        target = self._target(model)
+        return len(target.shown) if target.enabled and target.shown is not None else 0
 
     def adapter_layers(self, model: torch.nn.Module) -> Mapping[str, torch.nn.Module]:
         """name → PEFT LoRA layer of `model` (read-only: for tests and benchmarks)."""
@@ -405,30 +491,54 @@ class LoraManager:
             offset += lora.rank
         if offset > len(region.span):
             raise RuntimeError(f"{offset} ranks do not fit the {name} region's {len(region.span)}")
-        start, written = region.span.start, region.written
+        written = region.written  # all in the region's own rank order (_Region.ranks maps them)
         region.loras = None  # dirty from here until the end
         stale = [layer for layer in written if layer not in pieces]
         for layer in stale:
-            _zero(*target.weights[layer], start, start + written[layer])
+            _zero(*target.weights[layer], *region.ranks(0, written[layer]))
             del written[layer]
         for layer, parts in pieces.items():
-            old = start + written.get(layer, 0)  # ranks [start, old) may be non-zero
-            written[layer] = max(written.get(layer, 0), parts[-1][0] + parts[-1][1].shape[0])
+            old = written.get(layer, 0)  # ranks [0, old) may be non-zero
+            written[layer] = max(old, parts[-1][0] + parts[-1][1].shape[0])
             a, b = target.weights[layer]
-            cursor = start
+            cursor = 0
             for at, down, up, scale in parts:
-                at += start
-                _zero(a, b, cursor, min(at, old))
+                _zero(a, b, *region.ranks(cursor, min(at, old)))
                 cursor = at + down.shape[0]
-                a[at:cursor].copy_(down)
+                lo, hi = region.ranks(at, cursor)
+                a[lo:hi].copy_(down)
                 # The one place the scale is applied (one rounding), in the same pass as the copy:
                 # no temporary (which, with the worker's 1 MiB mmap threshold, costs a fresh mapping).
-                torch.mul(up, scale, out=b[:, at:cursor])
-            _zero(a, b, cursor, old)
-            written[layer] = cursor - start
+                torch.mul(up, scale, out=b[:, lo:hi])
+            _zero(a, b, *region.ranks(cursor, old))
+            written[layer] = cursor
         region.loras = tuple((lora.digest, scale) for lora, scale in loras)
         region.labels = tuple(lora.label for lora, _ in loras)
         return len(stale) + len(pieces)
+
+    def _live(self, wanted: dict[str, list[tuple[ParsedLora, float]]]) -> range:
+        """The adapter's ranks to show for `wanted`: a span of the shortest rank bucket holding the
+        main region's live ranks (rounded up to RANK_ALIGN, at the region's end) and the extra
+        region's (at its start), which meet at the regions' boundary."""
+        main = -(-sum(lora.rank for lora, _ in wanted["main"]) // RANK_ALIGN) * RANK_ALIGN
+        length = next(b for b in self.buckets if b >= main + sum(lora.rank for lora, _ in wanted["extra"]))
+        start = min(self.regions["main"].stop - main, self.rank - length)
+        return range(start, start + length)
+
+    def _show(self, target: _Target, ranks: range) -> None:
+        """Make PEFT's layers of `target` compute with the adapter's `ranks` only: their weights
+        become views of that span of the full weights (no copy; the rest must be zero or unused)."""
+        if target.shown == ranks:
+            return
+        target.shown = None  # unknown until every layer is switched
+        with torch.no_grad():
+            for name, layer in target.layers.items():
+                a, b = target.weights[name]
+                down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+                down.weight = torch.nn.Parameter(a[ranks.start : ranks.stop], requires_grad=False)
+                up.weight = torch.nn.Parameter(b[:, ranks.start : ranks.stop], requires_grad=False)
+                down.out_features = up.in_features = len(ranks)
+        target.shown = ranks
 
     def _enable(self, target: _Target, enabled: bool) -> None:
         if target.enabled == enabled:

@@ -1,4 +1,5 @@
-"""2. LoRA switching against the anchor approach, and 3. the per-step cost of the LoRA as applied.
+"""2. LoRA switching against the anchor approach, and 3. the per-step cost of the LoRA as applied
+(the bucketed adapter against one multiplying through all of its ranks).
 
 Both on a transformer of FLUX.1's real width (common.FLUX_WIDTH: 3072 wide, 24 heads × 128,
 joint_attention_dim 4096) with 1 double and 1 single block, float32, with real-shaped rank-16
@@ -23,7 +24,6 @@ from common import REAL_BLOCKS, interleaved, median, paired_ratio, timed
 logger = logging.getLogger(__name__)
 
 RANK = 16
-STEP_SLOT_RANKS = (16, 64, 128)  # LORA_MAX_RANK values whose per-step cost is measured
 SWITCH_RANKS = (16, 128)  # extra LoRAs' ranks for the switch: the common one and the most Replicate's trainer makes
 
 
@@ -239,31 +239,6 @@ def http_switching(tree: Path, dev, directory: Path, rank: int, *, rounds: int =
     }
 
 
-def _two_adapters(model, manager, rank: int):
-    """The previous design, for comparison: two PEFT adapters ("main", "extra") of `rank` in every
-    Linear, both active, the main LoRA copied into the first, the second all zeros."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-
-    targets = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for name in ("main", "extra"):
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
-        inject_adapter_in_model(config, model, adapter_name=name)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    pairs = manager.main.components["transformer"]
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for adapter in ("main", "extra"):
-                layer.lora_A[adapter].weight.zero_()
-                layer.lora_B[adapter].weight.zero_()
-            if name in pairs:
-                down, up = pairs[name]
-                layer.lora_A["main"].weight[: down.shape[0]].copy_(down)
-                layer.lora_B["main"].weight[:, : down.shape[0]].copy_(up)
-            layer.set_adapter(["main", "extra"], inference_mode=True)
-    return model
-
-
 def _inputs(image_tokens: int, text_tokens: int) -> dict:
     g = torch.Generator().manual_seed(0)
     return {
@@ -278,32 +253,29 @@ def _inputs(image_tokens: int, text_tokens: int) -> dict:
     }
 
 
-def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, text_tokens: int = 512, rounds=2):
-    """One denoising step (one transformer call) with the rank-16 main LoRA as each design applies it."""
-
-    from lora_loader import LoraManager
+def per_step(base, files: dict[str, Path], extra: Path, cache_dir: Path, *, size=256, text_tokens=512, rounds=3):
+    """One denoising step (one transformer call) with no LoRA, with the rank-16 main LoRA, and with it
+    and a rank-128 extra, each through the bucketed adapter (ours) and as before this change: all of
+    its ranks (`rank_buckets=()`) through PEFT's own forward. The adapter is the default one: main
+    128 + extra 128."""
+    from lora_loader import ADAPTER, RANK_BUCKETS, LoraManager
     from loras.cache import LoraCache
 
-    models: dict[str, torch.nn.Module] = {"no adapters": base}
-    keep = []
-    # (LORA_MAX_RANK, LORA_MAX_MAIN_RANK): per-request fine-tunes off (main region = the main LoRA's
-    # rank), then on at the default, where the main region holds a rank-128 replicate_weights.
-    for rank, main_rank in [*((r, 0) for r in STEP_SLOT_RANKS), (128, 32), (128, 128)]:
-        model = _shallow(base)
-        cache = LoraCache(cache_dir, 1 << 30)
-        manager = LoraManager([model], None, cache, max_rank=rank, main=files["main"], max_main_rank=main_rank)
-        manager.apply(model, 1.0, None, 1.0)  # as predict does by default: main on, extra region empty
-        main = len(manager.regions["main"])
-        models[f"1 adapter r{manager.rank} (main {main} + extra {rank}, ours)"] = model
-        keep.append(manager)
-    models["2 adapters r128 + r128 (the design before)"] = _two_adapters(_shallow(base), keep[-2], 128)
-    fused = copy.deepcopy(base)  # its own weights: W + B·A for every layer of the LoRA
-    lora = keep[0].main
-    with torch.no_grad():
-        layers = dict(fused.named_modules())
-        for name, (down, up) in lora.components["transformer"].items():
-            layers[name].weight += up @ down
-    models["fused"] = fused
+    os.environ["LORA_LOCAL_DIR"] = str(extra.parent)
+    models: dict[str, torch.nn.Module] = {"no LoRA": base}
+    ranks: dict[str, int] = {"no LoRA": 0}
+    for request, extra_lora in (("main r16", None), ("main r16 + extra r128", str(extra))):
+        for design, buckets in (("ours", RANK_BUCKETS), ("all ranks", ())):
+            model = _shallow(base)
+            manager = LoraManager(
+                [model], None, LoraCache(cache_dir, 1 << 31), main=files["main"], rank_buckets=buckets
+            )
+            manager.apply(model, 1.0, extra_lora, 1.0)  # as predict does: the main LoRA at 1 (+ the extra)
+            if design == "all ranks":  # the design before, exactly: PEFT's own forward too
+                for layer in manager.adapter_layers(model).values():
+                    layer.lora_variant.pop(ADAPTER)
+            name = f"{request}, {design}"
+            models[name], ranks[name] = model, manager.ranks_in_use(model)
 
     full = _inputs((size // 16) ** 2, text_tokens)
     small = _inputs(16, 16)
@@ -315,21 +287,31 @@ def per_step(base, files: dict[str, Path], cache_dir: Path, *, size: int = 256, 
 
         return go
 
-    for model in models.values():  # warm-up on a small input (allocator, first-call costs)
-        step(model, small)()
-    times = interleaved({k: step(m, full) for k, m in models.items()}, rounds=rounds, warmup=0)
-    base_times = times["no adapters"]
+    # Timed as one thread's CPU time: on a machine shared with other work, wall time with torch's
+    # thread pool measures the neighbours (a descheduled worker thread stalls every parallel op), while
+    # the CPU time of a single-threaded step is the work itself. The ratios are what they measure.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model in models.values():  # warm-up on a small input (allocator, first-call costs)
+            step(model, small)()
+        times = interleaved({k: step(m, full) for k, m in models.items()}, rounds, warmup=0, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
     result = {
+        "clock": "CPU time of one thread (torch.set_num_threads(1))",
         "size": size,
         "image_tokens": (size // 16) ** 2,
         "text_tokens": text_tokens,
         "lora_rank": RANK,
+        "extra_rank": 128,
         "rounds": rounds,
+        "ranks_per_step": ranks,
         "seconds": {k: median(v) for k, v in times.items()},
-        "ratio_vs_no_adapters": {k: paired_ratio(v, base_times) for k, v in times.items()},
+        "ratio_vs_no_lora": {k: paired_ratio(v, times["no LoRA"]) for k, v in times.items()},
         "raw_seconds": times,
     }
-    del models, keep, fused
+    del models
     return result
 
 
@@ -353,7 +335,8 @@ def run(tiny_tree: Path | None = None, *, quick: bool = False) -> dict:
                 switch[str(rank)]["http"] = http_switching(tree, dev, folder, rank, rounds=3 if quick else 6)
             del dev
         files = _write_loras(base, tmp / "files")
-        step = per_step(base, files, tmp / "cache", rounds=1 if quick else 2)
+        extra = _write_loras(base, tmp / "files", 128)["diffusers"]
+        step = per_step(base, files, extra, tmp / "cache", rounds=1 if quick else 3)
     return {
         "model": "FluxTransformer2DModel, FLUX width, 1 double + 1 single block, float32",
         "parameters_millions": sum(p.numel() for p in base.parameters()) / 1e6,

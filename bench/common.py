@@ -44,21 +44,27 @@ def flux_width_transformer(seed: int = 0, **config):
     return model.eval().requires_grad_(False)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every case once per round, in turn (ABAB…), after `warmup` untimed rounds; seconds per case."""
+def interleaved(
+    cases: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Run every case once per round, in turn (ABAB…), after `warmup` untimed rounds; seconds per case
+    (wall time, or `clock`'s: `time.thread_time` counts only this thread's CPU time)."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
-            times[name].append(timed(fn))
+            times[name].append(timed(fn, clock))
     return times
 
 

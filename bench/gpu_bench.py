@@ -435,7 +435,7 @@ class Bench:
     def run_model(self, kind: str) -> None:
         import tempfile
 
-        from lora_loader import LoraManager
+        from lora_loader import ADAPTER, RANK_BUCKETS, LoraManager
         from loras.cache import LoraCache
 
         args = self.args
@@ -459,13 +459,20 @@ class Bench:
             # injected into every Linear layer of the transformer.
             self.sync()
             t0 = time.perf_counter()
-            manager = LoraManager([pipe.transformer], None, LoraCache(directory, 1 << 40), args.max_rank, main=main)
+            cache = LoraCache(directory, 1 << 40)
+            buckets = RANK_BUCKETS if args.rank_buckets is None else tuple(args.rank_buckets)
+            manager = LoraManager([pipe.transformer], None, cache, args.max_rank, main=main, rank_buckets=buckets)
+            if args.peft_forward:  # the design before: PEFT's own forward, not lora_loader's in-place add
+                for layer in manager.adapter_layers(pipe.transformer).values():
+                    layer.lora_variant.pop(ADAPTER)
             self.sync()
             adapter_params = sum(p.numel() for n, p in pipe.transformer.named_parameters() if ".lora_" in n)
             info.update(
                 lora_manager_s=round(time.perf_counter() - t0, 2),
                 adapter_rank=manager.rank,
                 adapter_regions={r: len(manager.regions[r]) for r in manager.regions},
+                rank_buckets=list(manager.buckets),
+                peft_forward=args.peft_forward,
                 adapter_layers=sum(1 for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")),
                 adapter_params_m=round(adapter_params / 1e6, 1),
             )
@@ -486,8 +493,9 @@ class Bench:
         self.generate(pipe, kind)  # warm-up: cuBLAS/cuDNN handles, allocator
         times, eager_image = self.timed_runs(pipe, kind, args.eager_runs)
         reference = self.one_step_latents(pipe, kind)
-        eager = {"main_apply_s": main_apply_s}
+        eager = {"main_apply_s": main_apply_s, "ranks_per_step": {"main": manager.ranks_in_use(pipe.transformer)}}
         eager["main_extra_apply_s"] = self.apply(manager, pipe, 1.0, big)  # includes reading the file
+        eager["ranks_per_step"]["main_extra"] = manager.ranks_in_use(pipe.transformer)
         eager["main_extra_runs_s"], _ = self.timed_runs(pipe, kind, args.lora_runs)
         eager["off_apply_s"] = self.apply(manager, pipe, 0.0, None)
         eager["off_runs_s"], _ = self.timed_runs(pipe, kind, args.lora_runs)
@@ -591,6 +599,7 @@ class Bench:
                     "extra": None if extra is None else extra.name,
                     "extra_scale": extra_scale,
                     "apply_s": apply_s,
+                    "ranks_per_step": manager.ranks_in_use(pipe.transformer),
                     "runs_s": runs,
                     "new_graphs": graphs() - g,
                 }
@@ -666,6 +675,17 @@ def parse_args(argv=None):
         default=128,
         help="LoraManager max_rank: the extra region's ranks (the product's LORA_MAX_RANK, default 128); "
         "the adapter's rank is this + 16 (the main LoRA's region)",
+    )
+    parser.add_argument(
+        "--rank-buckets",
+        type=int,
+        nargs="*",
+        default=None,
+        help="LoraManager rank_buckets (default lora_loader.RANK_BUCKETS; none given: every step through the "
+        "adapter's full rank, the design before buckets)",
+    )
+    parser.add_argument(
+        "--peft-forward", action="store_true", help="PEFT's own LoRA forward (the design before lora_loader's)"
     )
     parser.add_argument(
         "--lora-runs", type=int, default=1, help="timed runs per LoRA request (main+extra, off, ...) of every case"

@@ -118,3 +118,27 @@ def test_gpu_compiled_pipeline_serves_sizes_without_recompiling():
     fast_path.warmup(pipe, [(160, 96), (96, 160)], steps=2)
     fast_path.warmup(pipe, [(96, 96)], steps=2)
     assert fast_path._compiled_graph_count() == graphs
+
+
+def test_the_compile_settings_hold_a_graph_for_every_lora_state(tmp_path, request):
+    # Setup warms up the repeated blocks in every LoRA rank bucket and with the adapter off, at
+    # batch 1 and 2: with torch's default limit of 8 graphs per code, the default buckets' warm-up
+    # would fail (fullgraph) on a GPU. optimize_pipeline raises the limit (process-wide).
+    import torch.fx.experimental._config as fx_config
+
+    from lora_loader import LoraManager
+    from loras.cache import LoraCache
+    from scripts.tiny_weights import flux_transformer
+
+    # optimize_pipeline sets both process-wide: put them back afterwards, by setattr (monkeypatch's
+    # undo leaves a torch config module's setting hidden: "does not exist" for the next test).
+    duck, limit = fx_config.use_duck_shape, torch._dynamo.config.recompile_limit
+    request.addfinalizer(lambda: setattr(fx_config, "use_duck_shape", duck))
+    request.addfinalizer(lambda: setattr(torch._dynamo.config, "recompile_limit", limit))
+    torch._dynamo.config.recompile_limit = 8
+    manager = LoraManager([flux_transformer(True, 0)], None, LoraCache(tmp_path, 0))  # the defaults
+    states = sum(1 for _ in manager.compile_states(manager.transformers[0]))
+    assert states == len(manager.buckets) + 1 and manager.buckets[-1] == 256
+    pipe = tiny_pipe()
+    fast_path.optimize_pipeline(pipe)  # on the CPU too: compiles lazily, nothing runs here
+    assert torch._dynamo.config.recompile_limit >= 2 * states  # batch 1 and batch ≥ 2 in each

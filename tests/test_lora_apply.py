@@ -608,3 +608,136 @@ def test_a_per_request_fine_tune_replaces_the_main_lora_and_back_bit_for_bit(set
         m.apply(t, 0.9, None, 0.0, main=f"{hub.url}/tunes/big.safetensors")
     assert same_state(adapter_snapshot(m), weights)
     m.reset()
+
+
+# ---------------------------------------------------------------- a step pays for the ranks in use
+
+
+def bucketed_manager(setup, rank_buckets=(8, 16, 24)):
+    """A manager with a main region of 16, an extra one of 16 and `rank_buckets` (+ the full 32)."""
+    main = setup["tree"] / "lora.safetensors"
+    t = fx_transformer()
+    return LoraManager([t], None, setup["cache"], 16, main=main, max_main_rank=16, rank_buckets=rank_buckets), t
+
+
+def test_a_step_multiplies_through_the_live_ranks_only_and_computes_the_same(setup, hub):
+    s = setup
+    m, t = bucketed_manager(s)
+    full, full_t = bucketed_manager(s, rank_buckets=())  # always all 32 ranks: the reference
+    assert m.buckets == (8, 16, 24, 32) and full.buckets == (32,) and m.ranks_in_use(t) == 0
+    r12 = fx.diffusers_peft(t, rank=12, seed=40)
+    hub.add("/extra/r12.safetensors", r12.to_bytes())
+    r12_url = f"{hub.url}/extra/r12.safetensors"
+    other = _deltas(s["cache"].fetch(s["other_url"]))  # rank 4
+    base = {n: w.double() for n, w in _base_weights(t).items()}
+    storage = {n: layer.lora_A[lora_loader.ADAPTER].weight.data_ptr() for n, layer in m.adapter_layers(t).items()}
+    # (lora_scale, extra, extra_lora_scale) → ranks per step: the main LoRA's 4 count as 8 (RANK_ALIGN).
+    requests = [
+        ((1.0, None, 0.0), 8, [(1.0, s["main_delta"])]),
+        ((1.0, r12_url, 0.5), 24, [(1.0, s["main_delta"]), (0.5, r12.deltas)]),
+        ((0.0, s["other_url"], -1.0), 8, [(-1.0, other)]),
+        ((0.7, f"{r12_url}, {s['other_url']}", 1.0), 24, [(0.7, s["main_delta"]), (1.0, r12.deltas), (1.0, other)]),
+        ((0.0, None, 0.0), 0, []),
+        ((1.0, None, 0.0), 8, [(1.0, s["main_delta"])]),
+    ]
+    for request, ranks, deltas in requests:
+        m.apply(t, *request)
+        full.apply(full_t, *request)
+        assert m.ranks_in_use(t) == ranks, request
+        check(t, base, deltas)
+        torch.testing.assert_close(_outputs(t), _outputs(full_t), rtol=1e-5, atol=1e-6)
+        for name, layer in m.adapter_layers(t).items():
+            a, b = layer.lora_A[lora_loader.ADAPTER].weight, layer.lora_B[lora_loader.ADAPTER].weight
+            if ranks:  # PEFT's layers see a span of the bucket's length, a view of the adapter's weights
+                assert a.shape[0] == b.shape[1] == ranks, name
+            assert a.untyped_storage().data_ptr() == storage[name]  # never a copy
+    m.reset()
+    assert m.ranks_in_use(t) == 0
+    check(t, base, [])
+
+
+class CancelAtView(TorchFunctionMode):
+    """Raises Cancelled at the k-th tensor indexing (every slice of the adapter's weights, as
+    written and as shown to PEFT's layers); with k=None it only counts them."""
+
+    def __init__(self, k: int | None = None):
+        super().__init__()
+        self.k, self.views = k, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            self.views += 1
+            if self.views == self.k:
+                raise Cancelled
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_cancel_while_switching_rank_buckets_is_undone(setup, hub):
+    """A cancel at any slicing of a switch that changes the bucket (main only, 8 ranks → main + a
+    rank-12 extra, 24): the next requests are exactly what an uninterrupted manager computes."""
+    s = setup
+    (m, t), (twin, twin_t) = bucketed_manager(s), bucketed_manager(s)
+    r12 = fx.diffusers_peft(t, rank=12, seed=40)
+    hub.add("/extra/r12.safetensors", r12.to_bytes())
+    switch = (1.0, f"{hub.url}/extra/r12.safetensors", 0.5)
+    m.apply(t, 1.0, None, 0.0)
+    with CancelAtView() as counter:
+        m.apply(t, *switch)
+    shown = 2 * len(m.adapter_layers(t))  # the last slices: A and B of every layer shown
+    for k in sorted({1, counter.views - shown - 1, counter.views - shown + 1, counter.views - 1, counter.views}):
+        m.apply(t, 1.0, None, 0.0)
+        with pytest.raises(Cancelled), CancelAtView(k):
+            m.apply(t, *switch)
+        assert m.ranks_in_use(t) == 0  # undone to the base model
+        for request in (switch, (1.0, None, 0.0), switch):
+            m.apply(t, *request)
+            twin.apply(twin_t, *request)
+            assert m.ranks_in_use(t) == twin.ranks_in_use(twin_t), (k, request)
+            assert torch.equal(_outputs(t), _outputs(twin_t)), (k, request)
+    m.reset()
+
+
+def test_rank_buckets_come_from_the_environment(setup, monkeypatch):
+    monkeypatch.setenv("LORA_MAX_RANK", "16")
+    monkeypatch.setenv("LORA_RANK_BUCKETS", "24, 8")
+    m = LoraManager.from_env([fx_transformer()], None, setup["cache"], main=setup["tree"] / "lora.safetensors")
+    assert m.buckets == (8, 24, 32) and "rank buckets 8/24/32" in m.adapter_shape  # the compile cache's key
+    monkeypatch.delenv("LORA_RANK_BUCKETS")
+    m = LoraManager.from_env([fx_transformer()], None, setup["cache"], main=setup["tree"] / "lora.safetensors")
+    assert m.buckets == (16, 32)  # the defaults up to the adapter's rank
+
+
+def test_every_adapted_layer_computes_its_effective_weight(setup, hub):
+    # The adapter's forward (lora_loader._add_into_output: the base output += (x·Aᵀ)·Bᵀ in place, on a
+    # span of the ranks) is exactly x·(W + Σ s·B·A)ᵀ + b, for 2-D and 3-D inputs, in every bucket.
+    s = setup
+    m, t = bucketed_manager(s)
+    r12 = fx.diffusers_peft(t, rank=12, seed=40)
+    hub.add("/extra/r12.safetensors", r12.to_bytes())
+    g = torch.Generator().manual_seed(7)
+    for request in ((1.0, None, 0.0), (-0.5, f"{hub.url}/extra/r12.safetensors", 0.8)):
+        m.apply(t, *request)
+        for layer in m.adapter_layers(t).values():
+            x = torch.randn(2, 3, layer.in_features, generator=g)
+            weight = fx.effective_weight(layer).float()
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.base_layer.bias))
+                torch.testing.assert_close(layer(x[0]), torch.nn.functional.linear(x[0], weight, layer.base_layer.bias))
+    m.reset()
+
+
+def test_the_adapter_forward_adds_into_a_strided_output_too(setup):
+    # A base layer whose output is not contiguous gets the sum as a new tensor, not a lost in-place write.
+    m, t = bucketed_manager(setup)
+    m.apply(t, 1.0, None, 0.0)
+    name, layer = next((n, x) for n, x in m.adapter_layers(t).items() if n in setup["main_delta"])
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(8))
+    base = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+    strided = base.t().contiguous().t()
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        out = lora_loader._add_into_output().forward(layer, lora_loader.ADAPTER, x, strided)
+    torch.testing.assert_close(
+        out, torch.nn.functional.linear(x, fx.effective_weight(layer).float(), layer.base_layer.bias)
+    )
+    m.reset()

@@ -8,6 +8,10 @@ setup()'s own (`FluxModels.optimize` with the adapters on and off, batch 1 and 2
 `torch._dynamo.config.error_on_recompile` is set and requests swap LoRAs of different ranks,
 formats and target sets, at positive, negative and zero scales, on dev and schnell, at several
 sizes, batch sizes and prompt lengths: any recompilation raises.
+
+A step multiplies through a span of the adapter's ranks of one of a few lengths (rank buckets):
+each is a graph of its own, warmed up in setup; requests move between buckets without compiling.
+The last test does the same with the inductor backend on a bare transformer.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def compiled(tiny_weights, tmp_path_factory):
 
     import predict
 
+    duck = fx_config.use_duck_shape  # put back by setattr (monkeypatch's undo would hide the setting)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLUX_WEIGHTS_DIR", str(tiny_weights))
         mp.setenv("LORA_MAX_RANK", str(MAX_RANK))
@@ -44,8 +49,7 @@ def compiled(tiny_weights, tmp_path_factory):
         mp.setenv("FLUX_COMPILE_CACHE", str(tmp_path_factory.mktemp("compile-cache")))
         files = tmp_path_factory.mktemp("loras")
         mp.setenv("LORA_LOCAL_DIR", str(files))  # the LoRA files below are named by local path
-        # fast_path sets these process-wide; put them back afterwards for the other tests.
-        mp.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
+        # fast_path sets this process-wide; it is put back afterwards for the other tests (below).
         mp.setattr(fast_path, "COMPILE_VAE_DECODER", False)  # not what this test is about; saves time
         torch._dynamo.reset()
         runner = predict.Predictor()
@@ -78,6 +82,7 @@ def compiled(tiny_weights, tmp_path_factory):
         paths = {name: str(lora.write(files / f"{name}.safetensors")) for name, lora in loras.items()}
         yield run, runner, paths
         runner.outputs.cleanup()
+    fx_config.use_duck_shape = duck
     torch._dynamo.reset()
 
 
@@ -133,6 +138,34 @@ def test_lora_swaps_across_requests_never_recompile(compiled, caplog):
     assert len(set(firsts)) == len(firsts)
 
 
+def test_switching_rank_buckets_never_recompiles(compiled):
+    # The main region holds 16 ranks (the main LoRA is rank 4, counted as 8), the extra region 16:
+    # buckets of 16 and 32 ranks, both warmed up; the span's position moves too.
+    run, runner, loras = compiled
+    dev = runner.models.transformers["dev"]
+    assert runner.loras.buckets == (16, 32)
+    requests = [
+        ({}, 16),  # main only: 8 ranks
+        ({"extra_lora": loras["kohya-r16-clip"]}, 32),  # 8 + 16
+        ({"lora_scale": 0, "extra_lora": loras["comfyui-r12"]}, 16),  # the extra region alone: 12
+        ({"extra_lora": loras["diffusers-r4"], "num_outputs": 2}, 16),  # 8 + 4
+        ({"lora_scale": 0}, 0),  # adapter off
+        ({"replicate_weights": loras["comfyui-r12"], "extra_lora": loras["xlabs-r1"]}, 32),  # 16 + 1
+        ({"lora_scale": 0, "extra_lora": loras["kohya-r16-clip"], "width": 384}, 16),
+        ({"extra_lora": loras["kohya-r16-clip"]}, 32),
+    ]
+    before = graphs()
+    outputs = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for request, ranks in requests:
+            outputs.append(pixels(run(**{**SIZE, "num_inference_steps": 2, **request})))
+            assert runner.loras.ranks_in_use(dev) == ranks, request
+    assert graphs() == before, "switching rank buckets compiled a new graph"
+    with torch.compiler.set_stance("force_eager"):
+        eager = pixels(run(**{**SIZE, "num_inference_steps": 2, **requests[-1][0]}))
+    assert np.abs(outputs[-1][0] - eager[0]).max() <= 1
+
+
 def test_compiled_output_matches_eager_after_swaps(compiled):
     # The compiled blocks read the adapter's current values (no stale constants): force_eager runs the
     # very same modules without the compiled code and must give the same picture.
@@ -179,3 +212,61 @@ def test_the_harness_catches_a_recompile(compiled):
         for layer in layers:
             layer.lora_A[ADAPTER].weight.requires_grad_(False)
         runner.loras.reset()
+
+
+def test_inductor_serves_every_rank_bucket_without_recompiling(tmp_path, monkeypatch, request):
+    """The real backend: a tiny transformer's blocks compiled by inductor (as fast_path does, on the
+    CPU), warmed up in `compile_states`; then LoRAs of several ranks move between buckets and the
+    span's position, computing what the same modules compute uncompiled."""
+    import torch.fx.experimental._config as fx_config
+
+    from lora_loader import LoraManager
+    from loras.cache import LoraCache
+    from scripts.tiny_weights import flux_transformer
+
+    duck = fx_config.use_duck_shape  # put back by setattr (monkeypatch's undo would hide the setting)
+    request.addfinalizer(lambda: setattr(fx_config, "use_duck_shape", duck))
+    fx_config.use_duck_shape = False
+    monkeypatch.setenv("LORA_LOCAL_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    transformer = flux_transformer(True, 0).requires_grad_(False)
+    main = fx.diffusers_peft(transformer, rank=4, seed=1).write(tmp_path / "main.safetensors")
+    files = {
+        r: str(fx.diffusers_peft(transformer, rank=r, seed=r).write(tmp_path / f"r{r}.safetensors")) for r in (2, 8)
+    }
+    manager = LoraManager(
+        [transformer], None, LoraCache(tmp_path / "cache", 1 << 30), 8, main=main, max_main_rank=8, rank_buckets=(8,)
+    )
+    assert manager.buckets == (8, 16)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)  # inductor
+    g = torch.Generator().manual_seed(5)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 64, generator=g),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+        "pooled_projections": torch.randn(1, 32, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(8, 3),
+        "guidance": torch.tensor([3.5]),
+    }
+
+    def step():
+        with torch.no_grad():
+            return transformer(**inputs).sample
+
+    try:
+        for _ in manager.compile_states(transformer):
+            step()
+        before = graphs()
+        requests = [((1.0, None, 0.0), 8), ((1.0, files[8], 0.5), 16), ((0.0, files[2], 1.0), 8)]
+        requests += [((-1.0, files[2], 1.0), 16), ((0.0, None, 0.0), 0), ((0.5, None, 0.0), 8)]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for request, ranks in requests:
+                manager.apply(transformer, *request)
+                assert manager.ranks_in_use(transformer) == ranks, request
+                out = step()
+                with torch.compiler.set_stance("force_eager"):
+                    torch.testing.assert_close(out, step(), rtol=1e-4, atol=1e-5)
+        assert graphs() == before, "a rank bucket switch compiled a new graph"
+    finally:
+        torch._dynamo.reset()
