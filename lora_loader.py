@@ -10,6 +10,10 @@ request copies its LoRAs into their regions in place (A padded with zero rows, s
 columns), so the effect is s·B·A·x once, shapes never change (a compiled model never recompiles
 on a swap), base weights are never modified, and a model with no LoRA in effect has its adapter
 disabled: exactly the base. File formats are loras/formats.py's concern.
+
+What is not low-rank (LyCORIS LoKr and LoHa, full differences, DoRA) and every T5 part (T5 has no
+adapter) is written into the touched base weights instead, from pristine copies that restore them bit
+for bit: loras/deltas.py. A request may mix both kinds.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from errors import UserError
 from loras.cache import LoraCache, UserTokens
+from loras.deltas import Plan, WeightDeltas
 from loras.formats import ParsedLora, parse_lora
 from loras.sources import public_label, split_sources
 
@@ -135,8 +140,10 @@ class LoraManager:
         main: Path | None = None,
         max_main_rank: int | None = None,
         main_label: str | None = None,
+        t5: torch.nn.Module | None = None,
     ):
-        """`main`: the deployment's own fine-tune, a local file (None: plain FLUX).
+        """`t5`: FLUX's T5 encoder, for LoRAs with T5 parts (None: such parts are refused).
+        `main`: the deployment's own fine-tune, a local file (None: plain FLUX).
         `max_rank`: the ranks the extra LoRAs of one request share (LORA_MAX_RANK), the extra region.
         `max_main_rank`: the largest per-request fine-tune (`replicate_weights`) served
         (LORA_MAX_MAIN_RANK, default `max_rank`; 0: none). The main region holds the larger of it
@@ -154,6 +161,10 @@ class LoraManager:
                     raise RuntimeError(f"the transformers differ in layer {name}; they must share one architecture")
         if text_encoder is not None:
             self.shapes["text_encoder"] = _linear_shapes(text_encoder)
+        self.t5 = t5
+        if t5 is not None:
+            self.shapes["t5"] = _linear_shapes(t5)
+        self.deltas = WeightDeltas()  # what is written into base weights (loras/deltas.py)
         # The main LoRA is parsed first: its rank, rounded up, is the main region's size.
         main_label = main_label or (Path(main).name if main is not None else "")
         self.main = None if main is None else parse_lora(Path(main), main_label, self.shapes, math.inf)
@@ -198,7 +209,13 @@ class LoraManager:
 
     @classmethod
     def from_env(
-        cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None, main_label: str | None = None
+        cls,
+        transformers,
+        text_encoder,
+        cache: LoraCache,
+        main: Path | None = None,
+        main_label: str | None = None,
+        t5: torch.nn.Module | None = None,
     ) -> LoraManager:
         """LORA_MAX_RANK (default 128), LORA_MAX_MAIN_RANK (default LORA_MAX_RANK) and
         LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB)."""
@@ -210,6 +227,7 @@ class LoraManager:
             memory_bytes=int(os.environ.get("LORA_MEMORY_MAX_BYTES", str(8 << 30))),
             main=main,
             main_label=main_label,
+            t5=t5,
             max_main_rank=int(os.environ["LORA_MAX_MAIN_RANK"]) if os.environ.get("LORA_MAX_MAIN_RANK") else None,
         )
 
@@ -258,12 +276,17 @@ class LoraManager:
         _check_rank([lora for lora, _ in wanted["extra"]], self.max_rank, "extra_lora", "LORA_MAX_RANK")
         empty: dict[str, list[tuple[ParsedLora, float]]] = {r: [] for r in REGIONS}
         plan = [(t, wanted if t is target or t.component == "text_encoder" else empty) for t in self._targets]
-        if all(t.enabled == _on(want) and all(_holds(t.regions[r], want[r]) for r in REGIONS) for t, want in plan):
+        weights = self._weight_plan(plan, wanted)
+        if self.deltas.holds(weights) and all(
+            t.enabled == _on(want) and all(_holds(t.regions[r], want[r]) for r in REGIONS) for t, want in plan
+        ):
             logger.info("LoRA: same set as the previous request, nothing to do")
             return
-        # 2. Write, undoing everything on any interruption.
+        # 2. Write, undoing everything on any interruption (the weights first: a model that cannot take
+        # them says so before anything is touched).
         changed, writing = 0, time.monotonic()
         try:
+            changed += self.deltas.apply(weights)
             for t, want in plan:
                 for region in REGIONS:
                     changed += self._fill(t, region, want[region])
@@ -273,10 +296,13 @@ class LoraManager:
             raise
         done = time.monotonic()
         logger.info(
-            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms): %s",
+            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms; %d weights written, %s bytes of pristine "
+            "copies): %s",
             (done - start) * 1000,
             changed,
             (done - writing) * 1000,
+            len(self.deltas.pristine),
+            f"{self.deltas.pristine_bytes:,}",
             self._describe(target, wanted),
         )
 
@@ -294,6 +320,7 @@ class LoraManager:
 
     def reset(self) -> None:
         """Back to the exact base model: every region zeroed, every adapter off."""
+        self.deltas.reset()
         for target in self._targets:
             for region in REGIONS:
                 self._fill(target, region, [])
@@ -344,14 +371,26 @@ class LoraManager:
         while sum(x.nbytes for x in self._memory.values()) > self.memory_bytes and len(self._memory) > 1:
             self._memory.popitem(last=False)
         logger.info(
-            "LoRA %s: parsed %d layers (rank %d) in %.2f s%s",
+            "LoRA %s: parsed %d layers (%s, rank %d) in %.2f s%s",
             lora.label,
-            len(lora.pairs),
+            len(lora.pairs) + len(lora.deltas),
+            "+".join(lora.kinds),
             lora.rank,
             time.monotonic() - start,
             f"; {len(lora.unmatched)} of its layers match nothing here" if lora.unmatched else "",
         )
         return lora
+
+    def _weight_plan(self, plan, wanted: dict[str, list[tuple[ParsedLora, float]]]) -> Plan:
+        """What loras/deltas.py writes into each model's weights: the LoRAs' non-low-rank layers (every
+        region's, main first) on the request's transformer and CLIP, and their T5 layers."""
+        models = [(t.model, t.component, [x for r in REGIONS for x in want[r]]) for t, want in plan]
+        if self.t5 is not None:
+            models.append((self.t5, "t5", [x for r in REGIONS for x in wanted[r]]))
+        return [
+            (model, [(lora.digest, s, lora.delta_components[c]) for lora, s in loras if lora.delta_components[c]])
+            for model, c, loras in models
+        ]
 
     @torch.no_grad()
     def _fill(self, target: _Target, name: str, loras: list[tuple[ParsedLora, float]]) -> int:
@@ -409,12 +448,16 @@ class LoraManager:
         parts = []
         for region, loras in wanted.items():
             for lora, scale in loras:
-                total = len(lora.components["transformer"])
-                hit = sum(1 for m in lora.components["transformer"] if m in target.layers)
-                te = len(lora.components["text_encoder"]) if self.text_encoder is not None else 0
+                modules = [*lora.components["transformer"], *lora.delta_components["transformer"]]
+                hit = sum(1 for m in modules if m in target.layers)
+                te = len(lora.components["text_encoder"]) + len(lora.delta_components["text_encoder"])
+                te = te if self.text_encoder is not None else 0
+                t5 = len(lora.delta_components["t5"])
                 parts.append(
-                    f"{region} {lora.label} at {scale:g} on {hit} of {total} transformer layers"
+                    f"{region} {lora.label} ({'+'.join(lora.kinds)}) at {scale:g} on {hit} of {len(modules)} "
+                    "transformer layers"
                     + (f" + {te} CLIP layers" if te else "")
+                    + (f" + {t5} T5 layers" if t5 else "")
                     + (f" ({len(lora.unmatched)} unmatched)" if lora.unmatched else "")
                 )
         return f"transformer {index}: " + ("; ".join(parts) or "no LoRA (base model)")

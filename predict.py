@@ -65,7 +65,12 @@ class Predictor(BaseRunner):
             main = cache.fetch(weights, operator=True) if weights else model_weights.main_lora(root)
             label = public_label(weights) if weights else "lora.safetensors"
             self.loras = LoraManager.from_env(
-                list(self.models.transformers.values()), self.models.text_encoder, cache, main=main, main_label=label
+                list(self.models.transformers.values()),
+                self.models.text_encoder,
+                cache,
+                main=main,
+                main_label=label,
+                t5=self.models.get("dev", "txt2img").text_encoder_2,
             )
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
