@@ -9,7 +9,14 @@ the entry, to serve it, and to evict it. The cache stays under `max_bytes`, leas
 (access time, set on every use) out first; an entry used in the last EVICT_GRACE_S seconds is
 kept (it may be loading now). An entry's mtime stays the time it was written.
 
-Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (default 20 GiB).
+A source that names something that moves (a Hugging Face branch: `huggingface.co/owner/repo`) is
+first resolved to the commit it names now, and cached by that commit: the branch is asked again at
+most every LORA_RESOLVE_TTL seconds, so a new commit is served within that time on every replica,
+and the log says which commit a request used. If the Hub cannot be asked, the last commit known is
+served (with a warning).
+
+Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (default 20 GiB),
+LORA_RESOLVE_TTL (default 300 s).
 """
 
 from __future__ import annotations
@@ -24,16 +31,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserError
 from loras.fetch import Fetcher, Limits, redact_library_logs
 from loras.files import finalize_download
-from loras.sites import Endpoints, credential_for, local_file, resolve
-from loras.sources import Source, parse_source
+from loras.sites import Endpoints, credential_for, current_commit, local_file, resolve
+from loras.sources import Source, moving, parse_source, pinned
 from loras.url_guard import Guard, Resolver
 
 logger = logging.getLogger(__name__)
 
 EVICT_GRACE_S = 30.0
 STALE_S = 3600.0
+RESOLVE_TTL_S = 300.0  # LORA_RESOLVE_TTL's default
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,8 @@ class LoraCache:
         self.lock_dir = self.cache_dir / ".locks"
         self.resolver = resolver
         self._cleaned = False
+        # (source key, credential scope) → (the source at the commit it named, when that was asked)
+        self._pins: dict[tuple[str, str], tuple[Source, float]] = {}
         redact_library_logs()
 
     @classmethod
@@ -123,6 +134,8 @@ class LoraCache:
         )
         self._prepare_dirs()
         scope = credential.scope if credential is not None else ""
+        if moving(parsed):
+            parsed = self._pin(parsed, credential, endpoints, limits, scope)
         if operator:  # fetched on the operator's trust (private hosts, HF_TOKEN): never served to a user's request
             scope = f"operator:{scope}"
         if scope and (shared := self._serve(self.path_for(parsed), parsed)):
@@ -142,6 +155,37 @@ class LoraCache:
             )
         self._evict(keep=dest)
         return dest
+
+    def _pin(self, source: Source, credential, endpoints: Endpoints, limits: Limits, scope: str) -> Source:
+        """`source` at the commit its branch names now, asked at most every LORA_RESOLVE_TTL seconds."""
+        ttl = float(os.environ.get("LORA_RESOLVE_TTL", str(RESOLVE_TTL_S)))
+        known = self._pins.get((source.key, scope))
+        now = time.monotonic()
+        if known is not None and now - known[1] < ttl:
+            at = known[0]
+        else:
+            what = f"LoRA {source.label}"
+            try:
+                fetcher = Fetcher(Guard.from_env(self.resolver), limits)
+                at = pinned(source, current_commit(source, credential, fetcher, endpoints, what))
+            except UserError as e:
+                if known is None:
+                    raise
+                at = known[0]
+                logger.warning(
+                    "%s: could not ask for %s's commit (%s); serving the last known one", what, source.revision, e
+                )
+            if known is not None and known[0].revision != at.revision:
+                logger.info(
+                    "LoRA %s: %s moved from %s to %s",
+                    source.label,
+                    source.revision,
+                    known[0].revision[:12],
+                    at.revision[:12],
+                )
+            self._pins[source.key, scope] = (at, now)
+        logger.info("LoRA %s: %s is commit %s", source.label, source.revision, at.revision)
+        return at
 
     @contextlib.contextmanager
     def entry_lock(self, path: Path):

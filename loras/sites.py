@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,17 @@ def resolve(
     if source.kind == "civitai":
         return Download(_civitai_file(source, credential, fetcher, base, trusted, what), credential, trusted)
     raise AssertionError(source.kind)
+
+
+def current_commit(source: Source, credential, fetcher: Fetcher, endpoints: Endpoints, what: str) -> str:
+    """The commit a Hugging Face branch or tag names now (the Hub's /api/models/{repo}/revision/{rev})."""
+    base = endpoints.huggingface
+    url = f"{base}/api/models/{source.repo}/revision/{quote(source.revision, safe='')}"
+    info, _ = fetcher.json(url, what, credential=credential, trusted=endpoints.trusted(base))
+    commit = info.get("sha") if isinstance(info, dict) else None
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise UserError(f"{what}: unexpected answer from the Hugging Face API (no commit for {source.revision!r}).")
+    return commit
 
 
 def _huggingface_file(source, credential, fetcher: Fetcher, base: str, trusted, what: str) -> str:

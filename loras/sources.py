@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -180,13 +180,34 @@ def _huggingface(parts, text: str) -> Source:
     label = f"huggingface.co/{repo}" + (f"@{revision}" if revision != "main" else "") + (f":{where}" if where else "")
     return Source(
         "huggingface",
-        f"hf:{repo}@{revision}:{where}",
+        _hf_key(repo, revision, where),
         label,
         repo=repo,
         revision=revision,
         filename=filename,
         folder=folder,
     )
+
+
+def _hf_key(repo: str, revision: str, where: str) -> str:
+    return f"hf:{repo}@{revision}:{where}"
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def moving(source: Source) -> bool:
+    """Whether `source` names something that changes: a Hugging Face branch or tag (not a commit)."""
+    return source.kind == "huggingface" and not _COMMIT.match(source.revision)
+
+
+def pinned(source: Source, commit: str) -> Source:
+    """`source` at an immutable `commit` (its key, and so its cache entry, names the commit; its label is
+    what the user typed)."""
+    if source.kind != "huggingface" or not _COMMIT.match(commit):
+        raise ValueError(f"cannot pin {source.kind} source to {commit!r}")
+    where = source.filename or (source.folder + "/" if source.folder else "")
+    return replace(source, key=_hf_key(source.repo, commit, where), revision=commit)
 
 
 def _civitai(parts, text: str) -> Source:

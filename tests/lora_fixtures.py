@@ -7,6 +7,7 @@ mistake in the loader's table shows up as a wrong ΔW instead of being copied in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -1050,30 +1051,43 @@ class RouteServer:
         self.redirect(f"/{owner_model}{suffix}", f"{self.url}{blob}")
         return blob
 
-    def hf_repo(self, repo: str, files: dict[str, bytes], revision: str = "main", token: str | None = None):
-        """The tree API huggingface_hub calls, and resolve URLs redirecting to a CDN path."""
+    def hf_repo(self, repo: str, files: dict[str, bytes], revision: str = "main", token: str | None = None) -> str:
+        """The revision API (the branch → its commit), the tree API huggingface_hub calls, and resolve URLs
+        redirecting to a CDN path, at the branch and at its commit. Called again with other files, the
+        branch moves to a new commit. Returns the commit."""
         auth = f"Bearer {token}" if token else None
-        listing = [{"type": "file", "path": p, "size": len(b), "oid": str(i)} for i, (p, b) in enumerate(files.items())]
-        folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
-        listing += [{"type": "directory", "path": f, "oid": "d"} for f in sorted(folders)]
+        commit = hashlib.sha1(
+            b"".join(p.encode() + b"\0" + hashlib.sha1(d).digest() for p, d in files.items())
+        ).hexdigest()
         self.add(
-            f"/api/models/{repo}/tree/{revision}",
-            json.dumps(listing).encode(),
+            f"/api/models/{repo}/revision/{revision}",
+            json.dumps({"id": repo, "sha": commit}).encode(),
             require_auth=auth,
             headers={"Content-Type": "application/json"},
         )
-        for folder in folders:
-            inside = [e for e in listing if e["path"].startswith(folder + "/")]
+        listing = [{"type": "file", "path": p, "size": len(b), "oid": str(i)} for i, (p, b) in enumerate(files.items())]
+        folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
+        listing += [{"type": "directory", "path": f, "oid": "d"} for f in sorted(folders)]
+        for rev in (revision, commit):
             self.add(
-                f"/api/models/{repo}/tree/{revision}/{folder.replace('/', '%2F')}",
-                json.dumps(inside).encode(),
+                f"/api/models/{repo}/tree/{rev}",
+                json.dumps(listing).encode(),
                 require_auth=auth,
                 headers={"Content-Type": "application/json"},
             )
-        for path, data in files.items():
-            cdn = f"/cdn/{repo}/{revision}/{path}"
-            self.add(cdn, data)
-            self.redirect(f"/{repo}/resolve/{revision}/{path}", f"{self.url}{cdn}", require_auth=auth)
+            for folder in folders:
+                inside = [e for e in listing if e["path"].startswith(folder + "/")]
+                self.add(
+                    f"/api/models/{repo}/tree/{rev}/{folder.replace('/', '%2F')}",
+                    json.dumps(inside).encode(),
+                    require_auth=auth,
+                    headers={"Content-Type": "application/json"},
+                )
+            for path, data in files.items():
+                cdn = f"/cdn/{repo}/{rev}/{path}"
+                self.add(cdn, data)
+                self.redirect(f"/{repo}/resolve/{rev}/{path}", f"{self.url}{cdn}", require_auth=auth)
+        return commit
 
     def civitai_model(self, model_id: int, versions: list[tuple[int, bytes]], token: str | None = None):
         """`/api/v1/models/<id>` (newest version first) and `/api/download/models/<v>` → 307 → signed URL."""
