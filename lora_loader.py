@@ -24,7 +24,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -33,7 +33,7 @@ import torch
 from errors import UserError
 from loras.cache import LoraCache, UserTokens
 from loras.deltas import Plan, WeightDeltas
-from loras.formats import ParsedLora, parse_lora
+from loras.formats import ParsedLora, file_digest, parse_lora
 from loras.sources import public_label, split_sources
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ class LoraManager:
             _Target(model, component, _inject_adapter(model, self.rank), {r: _Region(self.regions[r]) for r in REGIONS})
             for model, component in models
         ]
-        self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()  # parsed LoRAs by file identity
+        self._memory: OrderedDict[str, ParsedLora] = OrderedDict()  # parsed LoRAs by content (sha256)
+        self._digests: dict[tuple, str] = {}  # file identity → its sha256
         logger.info(
             "LoRA adapter of rank %d (main %d + extra %d) in %d layers of %d model(s) in %.2f s",
             self.rank,
@@ -360,16 +361,22 @@ class LoraManager:
             stat = path.stat()
         except OSError:  # evicted by another process between fetch and here
             raise UserError(f"LoRA {label}: the cached file vanished; try again.") from None
-        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # an edited file is re-read
-        if key in self._memory:
-            self._memory.move_to_end(key)
+        # Parsed LoRAs are kept by content: the same file from another URL (a signed URL whose signature
+        # changed) is parsed once. A file is hashed once per identity (an edited file is read again).
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        digest = self._digests.get(key) or file_digest(path)
+        self._digests[key] = digest
+        if digest in self._memory:
+            self._memory.move_to_end(digest)
             logger.info("LoRA %s: parsed tensors from memory", label)
-            return self._memory[key]
+            lora = self._memory[digest]
+            return lora if lora.label == label else replace(lora, label=label)
         start = time.monotonic()
-        lora = parse_lora(path, label, self.shapes, math.inf)  # ranks are checked against their region
-        self._memory[key] = lora
+        lora = parse_lora(path, label, self.shapes, math.inf, digest=digest)  # ranks: checked against their region
+        self._memory[digest] = lora
         while sum(x.nbytes for x in self._memory.values()) > self.memory_bytes and len(self._memory) > 1:
             self._memory.popitem(last=False)
+        self._digests = {k: d for k, d in self._digests.items() if d in self._memory}
         logger.info(
             "LoRA %s: parsed %d layers (%s, rank %d) in %.2f s%s",
             lora.label,

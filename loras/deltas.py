@@ -173,13 +173,19 @@ class WeightDeltas:
             self.pristine[key] = (layer.weight.detach().to("cpu", copy=True), bias)
         self.written.pop(key, None)  # unknown from here until the end
         weight0, bias0 = self.pristine[key]
-        weight = weight0.to(device=layer.weight.device, dtype=torch.float32, copy=True)
-        bias = None if bias0 is None else bias0.to(device=layer.weight.device, dtype=torch.float32, copy=True)
+        device = layer.weight.device
+        if layer.weight.dtype == torch.float32:  # computed in place: one copy of W₀, one pass per update
+            weight = layer.weight
+            weight.copy_(weight0)
+        else:  # moved in its own dtype (half the bytes of bf16 to a GPU), widened there: a new tensor
+            weight = weight0.to(device).to(torch.float32)
+        bias = None if bias0 is None else bias0.to(device=device, dtype=torch.float32, copy=True)
         for delta, scale in updates:
             weight = delta.apply(weight, scale)
             if delta.bias is not None:
                 bias.add_(delta.bias.to(bias.device), alpha=scale)
-        layer.weight.copy_(weight)
+        if weight is not layer.weight:
+            layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
         self.written[key] = holds

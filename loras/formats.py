@@ -456,8 +456,9 @@ def _by_component(items: dict, components: tuple[str, ...]) -> dict[str, dict]:
     return split
 
 
-def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int) -> ParsedLora:
-    """Read, convert and fully validate a LoRA file against the model's shapes. UserError on failure."""
+def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int, digest: str | None = None) -> ParsedLora:
+    """Read, convert and fully validate a LoRA file against the model's shapes. UserError on failure.
+    `digest`: the file's sha256 if the caller has it (`file_digest`)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -473,7 +474,7 @@ def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int) -> ParsedL
         state_dict = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"LoRA {label}: cannot read it as safetensors ({e}).") from e
-    digest = _file_digest(path)
+    digest = digest or file_digest(path)
     try:
         lora = _parse(label, digest, state_dict, metadata, shapes, max_rank)
     except UserError as e:
@@ -742,7 +743,8 @@ def _validate(label, digest, pairs, deltas: dict[str, Delta], unmatched, shapes,
     return ParsedLora(label, digest, applied, sorted(set(unmatched)), rank, sum(storages.values()), deltas=deltas)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The sha256 of a file: what identifies a LoRA whatever its source."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

@@ -736,3 +736,21 @@ def test_a_quantized_weight_refuses_a_lokr_before_anything_is_written(setup, wri
         assert not _differing(_bits(pipe), before)
     finally:
         layer.weight.data = original
+
+
+def test_the_same_file_behind_another_signed_url_is_parsed_once(setup, hub, caplog):
+    """A signed URL's signature changes while its file does not: it is downloaded again (another URL) but
+    parsed once (parsed LoRAs are kept by content), and the request shows the URL it was given."""
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    data = fx.bfl_family(t, style="kohya", seed=31).to_bytes()
+    hub.add("/signed/style.safetensors", data)
+    first, second = (f"{hub.url}/signed/style.safetensors?X-Amz-Signature={sig}" for sig in ("aaa", "bbb"))
+    caplog.set_level("INFO", logger="lora_loader")
+    m.apply(t, 0.0, first, 1.0)
+    m.apply(t, 0.0, second, 1.0)
+    parsed = [r.getMessage() for r in caplog.records if "parsed" in r.getMessage()]
+    assert len(parsed) == 2 and "from memory" in parsed[1] and "from memory" not in parsed[0]
+    assert hub.hits("/signed/style.safetensors") == 2
+    assert m.state(t)["extra"].loras == ((f"{hub.url}/signed/style.safetensors?…", 1.0),)
+    m.reset()
