@@ -9,11 +9,12 @@ the entry, to serve it, and to evict it. The cache stays under `max_bytes`, leas
 (access time, set on every use) out first; an entry used in the last EVICT_GRACE_S seconds is
 kept (it may be loading now). An entry's mtime stays the time it was written.
 
-A source that names something that moves (a Hugging Face branch: `huggingface.co/owner/repo`) is
-first resolved to the commit it names now, and cached by that commit: the branch is asked again at
-most every LORA_RESOLVE_TTL seconds, so a new commit is served within that time on every replica,
-and the log says which commit a request used. If the Hub cannot be asked, the last commit known is
-served (with a warning).
+A source that names something that moves (a Hugging Face branch: `huggingface.co/owner/repo`; a
+CivitAI model: `civitai.com/models/<id>`, its newest version) is first resolved to the immutable
+revision it names now (a commit, a version id), and cached by that revision: the site is asked again
+at most every LORA_RESOLVE_TTL seconds, so a new revision is served within that time on every
+replica, and the log says which revision a request used. If the site cannot be asked, the last
+revision known is served (with a warning). (Replicate's `owner/model` is not re-resolved yet.)
 
 Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (default 20 GiB),
 LORA_RESOLVE_TTL (default 300 s).
@@ -34,8 +35,8 @@ from pathlib import Path
 from errors import UserError
 from loras.fetch import Fetcher, Limits, redact_library_logs
 from loras.files import finalize_download
-from loras.sites import Endpoints, credential_for, current_commit, local_file, resolve
-from loras.sources import Source, moving, parse_source, pinned
+from loras.sites import Endpoints, credential_for, current_revision, local_file, resolve
+from loras.sources import Source, moving, parse_source, pinned, revision_of
 from loras.url_guard import Guard, Resolver
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,9 @@ class LoraCache:
         )
         self._prepare_dirs()
         scope = credential.scope if credential is not None else ""
+        fetcher = None  # one deadline for a whole fetch: the pin's question and the download share it
         if moving(parsed):
-            parsed = self._pin(parsed, credential, endpoints, limits, scope)
+            parsed, fetcher = self._pin(parsed, credential, endpoints, limits, scope)
         if operator:  # fetched on the operator's trust (private hosts, HF_TOKEN): never served to a user's request
             scope = f"operator:{scope}"
         if scope and (shared := self._serve(self.path_for(parsed), parsed)):
@@ -146,7 +148,8 @@ class LoraCache:
                 self._log_hit(parsed, dest)
                 return dest
             start = time.monotonic()
-            self._download(parsed, credential, endpoints, limits, dest, operator=operator)
+            fetcher = fetcher or Fetcher(Guard.from_env(self.resolver), limits)
+            self._download(parsed, credential, endpoints, fetcher, limits, dest, operator=operator)
             logger.info(
                 "LoRA %s: downloaded %s bytes in %.2f s",
                 parsed.label,
@@ -156,36 +159,33 @@ class LoraCache:
         self._evict(keep=dest)
         return dest
 
-    def _pin(self, source: Source, credential, endpoints: Endpoints, limits: Limits, scope: str) -> Source:
-        """`source` at the commit its branch names now, asked at most every LORA_RESOLVE_TTL seconds."""
+    def _pin(self, source: Source, credential, endpoints: Endpoints, limits: Limits, scope: str):
+        """(`source` at the revision it names now, asked at most every LORA_RESOLVE_TTL seconds; the Fetcher
+        that asked, or None)."""
         ttl = float(os.environ.get("LORA_RESOLVE_TTL", str(RESOLVE_TTL_S)))
         known = self._pins.get((source.key, scope))
         now = time.monotonic()
+        name = moving(source)
+        fetcher = None
         if known is not None and now - known[1] < ttl:
             at = known[0]
         else:
             what = f"LoRA {source.label}"
             try:
                 fetcher = Fetcher(Guard.from_env(self.resolver), limits)
-                at = pinned(source, current_commit(source, credential, fetcher, endpoints, what))
+                at = pinned(source, current_revision(source, credential, fetcher, endpoints, what))
             except UserError as e:
                 if known is None:
                     raise
                 at = known[0]
-                logger.warning(
-                    "%s: could not ask for %s's commit (%s); serving the last known one", what, source.revision, e
-                )
-            if known is not None and known[0].revision != at.revision:
-                logger.info(
-                    "LoRA %s: %s moved from %s to %s",
-                    source.label,
-                    source.revision,
-                    known[0].revision[:12],
-                    at.revision[:12],
-                )
+                logger.warning("%s: could not ask what %s is (%s); serving the last known one", what, name, e)
+            if known is not None and revision_of(known[0]) != revision_of(at):
+                old, new = revision_of(known[0])[:12], revision_of(at)[:12]
+                logger.info("LoRA %s: %s moved from %s to %s", source.label, name, old, new)
             self._pins[source.key, scope] = (at, now)
-        logger.info("LoRA %s: %s is commit %s", source.label, source.revision, at.revision)
-        return at
+        noun = "commit" if source.kind == "huggingface" else "version"
+        logger.info("LoRA %s: %s is %s %s", source.label, name, noun, revision_of(at))
+        return at, fetcher
 
     @contextlib.contextmanager
     def entry_lock(self, path: Path):
@@ -250,9 +250,16 @@ class LoraCache:
                     lock.release()
 
     def _download(
-        self, source: Source, credential, endpoints: Endpoints, limits: Limits, dest: Path, *, operator: bool = False
+        self,
+        source: Source,
+        credential,
+        endpoints: Endpoints,
+        fetcher: Fetcher,
+        limits: Limits,
+        dest: Path,
+        *,
+        operator: bool = False,
     ) -> None:
-        fetcher = Fetcher(Guard.from_env(self.resolver), limits)
         what = f"LoRA {source.label}"
         plan = resolve(source, credential, fetcher, endpoints, what, operator=operator)
         fd, raw = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")

@@ -196,18 +196,30 @@ def _hf_key(repo: str, revision: str, where: str) -> str:
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-def moving(source: Source) -> bool:
-    """Whether `source` names something that changes: a Hugging Face branch or tag (not a commit)."""
-    return source.kind == "huggingface" and not _COMMIT.match(source.revision)
+def moving(source: Source) -> str:
+    """What in `source` changes ("" if nothing): a Hugging Face branch or tag (not a commit), or a CivitAI
+    model named without a version (its newest version)."""
+    if source.kind == "huggingface" and not _COMMIT.match(source.revision):
+        return source.revision
+    if source.kind == "civitai" and source.model_id and not source.version:
+        return "the newest version"
+    return ""
 
 
-def pinned(source: Source, commit: str) -> Source:
-    """`source` at an immutable `commit` (its key, and so its cache entry, names the commit; its label is
-    what the user typed)."""
-    if source.kind != "huggingface" or not _COMMIT.match(commit):
-        raise ValueError(f"cannot pin {source.kind} source to {commit!r}")
-    where = source.filename or (source.folder + "/" if source.folder else "")
-    return replace(source, key=_hf_key(source.repo, commit, where), revision=commit)
+def pinned(source: Source, revision: str) -> Source:
+    """`source` at an immutable `revision`, a commit or a version id (its key, and so its cache entry, names
+    it; its label stays what the user typed)."""
+    if source.kind == "huggingface" and _COMMIT.match(revision):
+        where = source.filename or (source.folder + "/" if source.folder else "")
+        return replace(source, key=_hf_key(source.repo, revision, where), revision=revision)
+    if source.kind == "civitai" and revision.isdigit():
+        return replace(source, key=f"civitai:version:{revision}", version=revision)  # = the version's own source
+    raise ValueError(f"cannot pin {source.kind} source to {revision!r}")
+
+
+def revision_of(source: Source) -> str:
+    """The immutable revision a pinned source names (for logs)."""
+    return source.revision if source.kind == "huggingface" else source.version
 
 
 def _civitai(parts, text: str) -> Source:

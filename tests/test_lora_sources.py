@@ -507,6 +507,24 @@ def test_a_moving_hugging_face_branch_is_served_at_its_new_commit_after_the_ttl(
 # ---------------------------------------------------------------- CivitAI
 
 
+def test_a_civitai_models_newest_version_is_asked_again_after_the_ttl(env, hub, cache, caplog):
+    """civitai.com/models/<id> names the newest version: it is cached by that version (the same entry as the
+    version's own link) and asked again at most every LORA_RESOLVE_TTL seconds."""
+    env.setenv("LORA_RESOLVE_TTL", "1")
+    first, second = lora_bytes(30), lora_bytes(31)
+    hub.civitai_model(5, [(50, first)])
+    with caplog.at_level(logging.INFO, logger="loras.cache"):
+        old = cache.fetch("https://civitai.com/models/5")
+    assert same_bytes(old, first) and "civitai model 5: the newest version is version 50" in caplog.text
+    assert cache.fetch("https://civitai.com/api/download/models/50") == old  # one entry for one version
+    hub.civitai_model(5, [(51, second), (50, first)])  # a new version is published
+    assert cache.fetch("https://civitai.com/models/5") == old  # within the TTL
+    time.sleep(1.05)
+    with caplog.at_level(logging.INFO, logger="loras.cache"):
+        new = cache.fetch("https://civitai.com/models/5")
+    assert same_bytes(new, second) and "the newest version moved from 50 to 51" in caplog.text
+
+
 def test_civitai_model_id_resolves_to_its_newest_version(env, hub, cache):
     newest, older = lora_bytes(9), lora_bytes(10)
     hub.civitai_model(123, [(457, newest), (456, older)])
