@@ -17,11 +17,14 @@ boundary; PEFT's layers are shown only a span of the adapter holding them (a vie
 weights: no copy), its length one of a few rank buckets (`RANK_BUCKETS`). A compiled model has one
 graph per bucket (warmed up in `compile_states`) and never recompiles on a swap within one. The
 adapter's product is added into each layer's output in place (`_add_into_output`).
+
+What is not low-rank (LyCORIS LoKr and LoHa, full differences, DoRA) and every T5 part (T5 has no
+adapter) is written into the touched base weights instead, from pristine copies that restore them bit
+for bit: loras/deltas.py. A request may mix both kinds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -29,7 +32,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -37,8 +40,9 @@ import torch
 
 from errors import UserError
 from loras.cache import LoraCache, UserTokens
+from loras.deltas import Plan, WeightDeltas
 from loras.files import autov3
-from loras.formats import ParsedLora, parse_lora
+from loras.formats import ParsedLora, file_digest, parse_lora
 from loras.sources import public_label, split_sources
 from net.fetch import Limits
 
@@ -210,8 +214,10 @@ class LoraManager:
         max_main_rank: int | None = None,
         main_label: str | None = None,
         rank_buckets: tuple[int, ...] = RANK_BUCKETS,
+        t5: torch.nn.Module | None = None,
     ):
-        """`main`: the deployment's own fine-tune, a local file (None: plain FLUX).
+        """`t5`: FLUX's T5 encoder, for LoRAs with T5 parts (None: such parts are refused).
+        `main`: the deployment's own fine-tune, a local file (None: plain FLUX).
         `max_rank`: the ranks the extra LoRAs of one request share (LORA_MAX_RANK), the extra region.
         `max_main_rank`: the largest per-request fine-tune (`replicate_weights`) served
         (LORA_MAX_MAIN_RANK, default `max_rank`; 0: none). The main region holds the larger of it
@@ -231,6 +237,10 @@ class LoraManager:
                     raise RuntimeError(f"the transformers differ in layer {name}; they must share one architecture")
         if text_encoder is not None:
             self.shapes["text_encoder"] = _linear_shapes(text_encoder)
+        self.t5 = t5
+        if t5 is not None:
+            self.shapes["t5"] = _linear_shapes(t5)
+        self.deltas = WeightDeltas()  # what is written into base weights (loras/deltas.py)
         # The main LoRA is parsed first: its rank, rounded up, is the main region's size.
         main_label = main_label or (Path(main).name if main is not None else "")
         self.main = None if main is None else parse_lora(Path(main), main_label, self.shapes, math.inf)
@@ -251,7 +261,8 @@ class LoraManager:
             )
             for model, component in models
         ]
-        self._memory: OrderedDict[tuple, ParsedLora] = OrderedDict()  # parsed LoRAs by file identity
+        self._memory: OrderedDict[str, ParsedLora] = OrderedDict()  # parsed LoRAs by content (sha256)
+        self._digests: dict[tuple, str] = {}  # file identity → its sha256
         logger.info(
             "LoRA adapter of rank %d (main %d + extra %d; rank buckets %s) in %d layers of %d model(s) in %.2f s",
             self.rank,
@@ -284,7 +295,13 @@ class LoraManager:
 
     @classmethod
     def from_env(
-        cls, transformers, text_encoder, cache: LoraCache, main: Path | None = None, main_label: str | None = None
+        cls,
+        transformers,
+        text_encoder,
+        cache: LoraCache,
+        main: Path | None = None,
+        main_label: str | None = None,
+        t5: torch.nn.Module | None = None,
     ) -> LoraManager:
         """LORA_MAX_RANK (default 128), LORA_MAX_MAIN_RANK (default LORA_MAX_RANK),
         LORA_MEMORY_MAX_BYTES (parsed LoRAs kept in RAM, default 8 GiB) and LORA_RANK_BUCKETS
@@ -298,6 +315,7 @@ class LoraManager:
             memory_bytes=int(os.environ.get("LORA_MEMORY_MAX_BYTES", str(8 << 30))),
             main=main,
             main_label=main_label,
+            t5=t5,
             max_main_rank=int(os.environ["LORA_MAX_MAIN_RANK"]) if os.environ.get("LORA_MAX_MAIN_RANK") else None,
             rank_buckets=tuple(int(b) for b in buckets.split(",") if b.strip()) if buckets else RANK_BUCKETS,
         )
@@ -354,7 +372,8 @@ class LoraManager:
         empty: dict[str, list[tuple[ParsedLora, float]]] = {r: [] for r in REGIONS}
         plan = [(t, wanted if t is target or t.component == "text_encoder" else empty) for t in self._targets]
         applied = tuple(AppliedLora(lora.label, s, self._autov3[lora.digest]) for r in REGIONS for lora, s in wanted[r])
-        if all(
+        weights = self._weight_plan(plan, wanted)
+        if self.deltas.holds(weights) and all(
             t.enabled == _on(want)
             and all(_holds(t.regions[r], want[r]) for r in REGIONS)
             and (not _on(want) or t.shown == self._live(want))
@@ -365,9 +384,11 @@ class LoraManager:
                     t.regions[region].labels = tuple(lora.label for lora, _ in want[region])
             logger.info("LoRA: same set as the previous request, nothing to do")
             return Applied(applied, time.monotonic() - start)
-        # 2. Write, undoing everything on any interruption.
+        # 2. Write, undoing everything on any interruption (the weights first: a model that cannot take
+        # them says so before anything is touched).
         changed, writing = 0, time.monotonic()
         try:
+            changed += self.deltas.apply(weights)
             for t, want in plan:
                 for region in REGIONS:
                     changed += self._fill(t, region, want[region])
@@ -379,11 +400,14 @@ class LoraManager:
             raise
         done = time.monotonic()
         logger.info(
-            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms; %d ranks per step): %s",
+            "LoRA applied in %.1f ms (%d layers rewritten in %.1f ms; %d ranks per step; %d weights written, %s "
+            "bytes of pristine copies): %s",
             (done - start) * 1000,
             changed,
             (done - writing) * 1000,
             self.ranks_in_use(transformer),
+            len(self.deltas.pristine),
+            f"{self.deltas.pristine_bytes:,}",
             self._describe(target, wanted),
         )
         return Applied(applied, writing - start, done - writing)
@@ -406,7 +430,8 @@ class LoraManager:
 
     def reset(self) -> None:
         """Back to the exact base model: every region zeroed, every adapter off (and showing all of
-        its ranks, as PEFT made it)."""
+        its ranks, as PEFT made it), every written weight restored."""
+        self.deltas.reset()
         for target in self._targets:
             for region in REGIONS:
                 self._fill(target, region, [])
@@ -452,28 +477,46 @@ class LoraManager:
             stat = path.stat()
         except OSError:  # evicted by another process between fetch and here
             raise UserError(f"LoRA {label}: the cached file vanished; try again.") from None
-        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # an edited file is re-read
-        if key in self._memory:
-            self._memory.move_to_end(key)
+        # Parsed LoRAs are kept by content: the same file from another URL (a signed URL whose signature
+        # changed) is parsed once. A file is hashed once per identity (an edited file is read again).
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        digest = self._digests.get(key) or file_digest(path)
+        self._digests[key] = digest
+        if digest in self._memory:
+            self._memory.move_to_end(digest)
             logger.info("LoRA %s: parsed tensors from memory", label)
             # The same tensors under this request's name: whoever loaded the file first named it for
             # themselves (a private repo's path), and labels reach logs, errors and generation data.
-            return dataclasses.replace(self._memory[key], label=label)
+            lora = self._memory[digest]
+            return lora if lora.label == label else replace(lora, label=label)
         start = time.monotonic()
-        lora = parse_lora(path, label, self.shapes, math.inf)  # ranks are checked against their region
-        self._memory[key] = lora
+        lora = parse_lora(path, label, self.shapes, math.inf, digest=digest)  # ranks: checked against their region
+        self._memory[digest] = lora
         while sum(x.nbytes for x in self._memory.values()) > self.memory_bytes and len(self._memory) > 1:
             self._memory.popitem(last=False)
         self._autov3.setdefault(lora.digest, autov3(path))  # once per parsed file, for generation data
+        self._digests = {k: d for k, d in self._digests.items() if d in self._memory}
         logger.info(
-            "LoRA %s: parsed %d layers (rank %d) in %.2f s%s",
+            "LoRA %s: parsed %d layers (%s, rank %d) in %.2f s%s",
             lora.label,
-            len(lora.pairs),
+            len(lora.pairs) + len(lora.deltas),
+            "+".join(lora.kinds),
             lora.rank,
             time.monotonic() - start,
             f"; {len(lora.unmatched)} of its layers match nothing here" if lora.unmatched else "",
         )
         return lora
+
+    def _weight_plan(self, plan, wanted: dict[str, list[tuple[ParsedLora, float]]]) -> Plan:
+        """What loras/deltas.py writes into each model's weights: the LoRAs' non-low-rank layers (every
+        region's, main first) on the request's transformer and CLIP, and their T5 layers."""
+        models = [(t.model, t.component, [x for r in REGIONS for x in want[r]]) for t, want in plan]
+        if self.t5 is not None:
+            models.append((self.t5, "t5", [x for r in REGIONS for x in wanted[r]]))
+        return [
+            (model, [(lora.digest, s, lora.delta_components[c]) for lora, s in loras if lora.delta_components[c]])
+            for model, c, loras in models
+        ]
 
     @torch.no_grad()
     def _fill(self, target: _Target, name: str, loras: list[tuple[ParsedLora, float]]) -> int:
@@ -555,12 +598,16 @@ class LoraManager:
         parts = []
         for region, loras in wanted.items():
             for lora, scale in loras:
-                total = len(lora.components["transformer"])
-                hit = sum(1 for m in lora.components["transformer"] if m in target.layers)
-                te = len(lora.components["text_encoder"]) if self.text_encoder is not None else 0
+                modules = [*lora.components["transformer"], *lora.delta_components["transformer"]]
+                hit = sum(1 for m in modules if m in target.layers)
+                te = len(lora.components["text_encoder"]) + len(lora.delta_components["text_encoder"])
+                te = te if self.text_encoder is not None else 0
+                t5 = len(lora.delta_components["t5"])
                 parts.append(
-                    f"{region} {lora.label} at {scale:g} on {hit} of {total} transformer layers"
+                    f"{region} {lora.label} ({'+'.join(lora.kinds)}) at {scale:g} on {hit} of {len(modules)} "
+                    "transformer layers"
                     + (f" + {te} CLIP layers" if te else "")
+                    + (f" + {t5} T5 layers" if t5 else "")
                     + (f" ({len(lora.unmatched)} unmatched)" if lora.unmatched else "")
                 )
         return f"transformer {index}: " + ("; ".join(parts) or "no LoRA (base model)")

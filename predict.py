@@ -78,6 +78,7 @@ class Predictor(BaseRunner):
                 cache,
                 main=main,
                 main_label=MAIN_LORA_LABEL,
+                t5=self.models.get("dev", "txt2img").text_encoder_2,
             )
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])

@@ -1,5 +1,6 @@
-"""2. LoRA switching against the anchor approach, and 3. the per-step cost of the LoRA as applied
-(the bucketed adapter against one multiplying through all of its ranks).
+"""2. LoRA switching against the anchor approach, 3. the per-step cost of the LoRA as applied
+(the bucketed adapter against one multiplying through all of its ranks), and 5. switching LyCORIS
+LoKr fine-tunes (written into the weights) against LoRAs of the same file size.
 
 Both on a transformer of FLUX.1's real width (common.FLUX_WIDTH: 3072 wide, 24 heads × 128,
 joint_attention_dim 4096) with 1 double and 1 single block, float32, with real-shaped rank-16
@@ -315,6 +316,74 @@ def per_step(base, files: dict[str, Path], extra: Path, cache_dir: Path, *, size
     return result
 
 
+# The modules SimpleTuner's FLUX LyCORIS preset targets ("Attention", "FeedForward"), as diffusers names them.
+LOKR_TARGETS = (
+    *("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj"),
+    *("attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+)
+
+
+def lokr_switching(base, directory: Path, cache_dir: Path, *, switches: int = 4, rounds: int = 3) -> dict:
+    """Requests alternating between two LoKr fine-tunes as SimpleTuner makes them (lycoris-lora, both sides
+    whole, factor 16: written into the touched weights from pristine copies) against two LoRAs of about the
+    same file size on the same modules (copied into the adapter), and the host memory the copies take."""
+    import lora_fixtures as fx
+
+    from lora_loader import LoraManager
+    from loras.cache import LoraCache
+
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["LORA_LOCAL_DIR"] = str(directory)
+    lokr = [str(fx.lycoris_file(base, "lokr-full-w2", directory / f"lokr-{i}.safetensors", seed=i)) for i in (1, 2)]
+    targets = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LOKR_TARGETS)}
+    elements = sum(m.in_features + m.out_features for m in targets.values())
+    rank = max(1, round(Path(lokr[0]).stat().st_size / 4 / elements))  # a float32 LoRA file of the LoKr's size
+    lora = []
+    for i in (1, 2):
+        file = fx.diffusers_peft(base, rank=rank, seed=10 + i, targets=LOKR_TARGETS)
+        lora.append(str(file.write(directory / f"lora-{i}.safetensors")))
+    model = _shallow(base)
+    manager = LoraManager([model], None, LoraCache(cache_dir, 1 << 31), max_rank=max(8, rank))
+    for extra in (*lokr, *lora):  # first use: parse (then in memory, as on a server after one request)
+        manager.apply(model, 0.0, extra, 1.0)
+    manager.apply(model, 0.0, lokr[0], 1.0)
+    pristine = manager.deltas.pristine_bytes
+    touched = len(manager.deltas.pristine)
+    manager.reset()
+
+    def alternate(files):
+        def go():
+            for i in range(switches):
+                manager.apply(model, 0.0, files[i % 2], 1.0)
+
+        return go
+
+    times = interleaved(
+        {"LoKr ↔ LoKr": alternate(lokr), "LoRA ↔ LoRA": alternate(lora), "LoKr ↔ LoRA": alternate([lokr[0], lora[0]])},
+        rounds=rounds,
+        warmup=1,
+    )
+    manager.reset()
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    factor = _extrapolation(base)
+    ms = {k: median(v) / switches * 1e3 for k, v in times.items()}
+    return {
+        "file_bytes": {"lokr": Path(lokr[0]).stat().st_size, "lora": Path(lora[0]).stat().st_size},
+        "lora_rank": rank,
+        "modules": len(targets),
+        "switches_per_round": switches,
+        "rounds": rounds,
+        "ms_per_switch": ms,
+        "ratio_lokr_over_lora": paired_ratio(times["LoKr ↔ LoKr"], times["LoRA ↔ LoRA"]),
+        "pristine_bytes": pristine,
+        "touched_weights": touched,
+        "model_bytes": model_bytes,
+        "extrapolation_factor_to_19_38_blocks": factor,
+        "ms_per_switch_full_model_estimate": {k: v * factor for k, v in ms.items()},
+        "raw_seconds": times,
+    }
+
+
 def run(tiny_tree: Path | None = None, *, quick: bool = False) -> dict:
     from common import flux_width_transformer
 
@@ -337,10 +406,12 @@ def run(tiny_tree: Path | None = None, *, quick: bool = False) -> dict:
         files = _write_loras(base, tmp / "files")
         extra = _write_loras(base, tmp / "files", 128)["diffusers"]
         step = per_step(base, files, extra, tmp / "cache", rounds=1 if quick else 3)
+        lokr = lokr_switching(base, tmp / "lokr", tmp / "cache", rounds=2 if quick else 4)
     return {
         "model": "FluxTransformer2DModel, FLUX width, 1 double + 1 single block, float32",
         "parameters_millions": sum(p.numel() for p in base.parameters()) / 1e6,
         "build_seconds": built,
         "switching": switch,
         "per_step": step,
+        "lokr": lokr,
     }

@@ -201,6 +201,26 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
                     f"{fig['ms']:.0f} vs {methods['default']['ms']:.0f} ms",
                 )
             )
+    k = (lora or {}).get("lokr")
+    if k:
+        ms, full = k["ms_per_switch"], k["ms_per_switch_full_model_estimate"]
+        rows += [
+            (
+                "5. LoKr switch (SimpleTuner's, in the weights) / LoRA switch of the same file size",
+                f"{k['ratio_lokr_over_lora']:.1f}×",
+                "",
+                f"{ms['LoKr ↔ LoKr']:.0f} ms vs {ms['LoRA ↔ LoRA']:.1f} ms per switch (rank {k['lora_rank']}, "
+                f"{k['file_bytes']['lokr'] / 1e6:.1f} vs {k['file_bytes']['lora'] / 1e6:.1f} MB files; 19+38 blocks ≈ "
+                f"{full['LoKr ↔ LoKr']:.0f} vs {full['LoRA ↔ LoRA']:.0f} ms); LoKr ↔ LoRA {ms['LoKr ↔ LoRA']:.0f} ms",
+            ),
+            (
+                "   … pristine copies of the touched weights / the transformer's weights",
+                f"{k['pristine_bytes'] / k['model_bytes']:.2f}",
+                "",
+                f"{k['pristine_bytes'] / 2**20:.0f} MiB for {k['touched_weights']} weights of "
+                f"{k['model_bytes'] / 2**20:.0f} MiB (host memory on a GPU)",
+            ),
+        ]
     st = results.get("setup")
     if st:
         t = st["seconds"]

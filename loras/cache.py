@@ -9,7 +9,15 @@ the entry, to serve it, and to evict it. The cache stays under `max_bytes`, leas
 (access time, set on every use) out first; an entry used in the last EVICT_GRACE_S seconds is
 kept (it may be loading now). An entry's mtime stays the time it was written.
 
-Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (default 20 GiB).
+A source that names something that moves (a Hugging Face branch: `huggingface.co/owner/repo`; a
+CivitAI model: `civitai.com/models/<id>`, its newest version) is first resolved to the immutable
+revision it names now (a commit, a version id), and cached by that revision: the site is asked again
+at most every LORA_RESOLVE_TTL seconds, so a new revision is served within that time on every
+replica, and the log says which revision a request used. If the site cannot be asked, the last
+revision known is served (with a warning). (Replicate's `owner/model` is not re-resolved yet.)
+
+Settings: LORA_CACHE_DIR (default /tmp/lora-cache), LORA_CACHE_MAX_BYTES (default 20 GiB),
+LORA_RESOLVE_TTL (default 300 s).
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ from pathlib import Path
 
 from errors import UserError
 from loras.files import finalize_download
-from loras.sites import Endpoints, credential_for, local_file, resolve
-from loras.sources import Source, parse_source
+from loras.sites import Endpoints, credential_for, current_revision, local_file, resolve
+from loras.sources import Source, moving, parse_source, pinned, revision_of
 from net.fetch import Fetcher, Limits, redact_library_logs
 from net.url_guard import Guard, Resolver
 
@@ -37,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 EVICT_GRACE_S = 30.0
 STALE_S = 3600.0
+RESOLVE_TTL_S = 300.0  # LORA_RESOLVE_TTL's default
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,8 @@ class LoraCache:
         self.resolver = resolver
         self.counts: collections.Counter[str] = collections.Counter()  # hits, misses, evictions since start
         self._cleaned = False
+        # (source key, credential scope) → (the source at the commit it named, when that was asked)
+        self._pins: dict[tuple[str, str], tuple[Source, float]] = {}
         redact_library_logs()
 
     @classmethod
@@ -147,6 +158,9 @@ class LoraCache:
         )
         self._prepare_dirs()
         scope = credential.scope if credential is not None else ""
+        fetcher = None  # one deadline for a whole fetch: the pin's question and the download share it
+        if moving(parsed):
+            parsed, fetcher = self._pin(parsed, credential, endpoints, limits, scope)
         if operator:  # fetched on the operator's trust (private hosts, HF_TOKEN): never served to a user's request
             scope = f"operator:{scope}"
         if scope and (shared := self._serve(self.path_for(parsed), parsed)):
@@ -157,7 +171,8 @@ class LoraCache:
                 self._log_hit(parsed, dest)
                 return dest
             start = time.monotonic()
-            self._download(parsed, credential, endpoints, limits, dest, operator=operator)
+            fetcher = fetcher or Fetcher(Guard.from_env(self.resolver, loras=True), limits)
+            self._download(parsed, credential, endpoints, fetcher, limits, dest, operator=operator)
             self.counts["misses"] += 1
             logger.info(
                 "LoRA %s: downloaded %s bytes in %.2f s",
@@ -167,6 +182,34 @@ class LoraCache:
             )
         self._evict(keep=dest)
         return dest
+
+    def _pin(self, source: Source, credential, endpoints: Endpoints, limits: Limits, scope: str):
+        """(`source` at the revision it names now, asked at most every LORA_RESOLVE_TTL seconds; the Fetcher
+        that asked, or None)."""
+        ttl = float(os.environ.get("LORA_RESOLVE_TTL", str(RESOLVE_TTL_S)))
+        known = self._pins.get((source.key, scope))
+        now = time.monotonic()
+        name = moving(source)
+        fetcher = None
+        if known is not None and now - known[1] < ttl:
+            at = known[0]
+        else:
+            what = f"LoRA {source.label}"
+            try:
+                fetcher = Fetcher(Guard.from_env(self.resolver, loras=True), limits)
+                at = pinned(source, current_revision(source, credential, fetcher, endpoints, what))
+            except UserError as e:
+                if known is None:
+                    raise
+                at = known[0]
+                logger.warning("%s: could not ask what %s is (%s); serving the last known one", what, name, e)
+            if known is not None and revision_of(known[0]) != revision_of(at):
+                old, new = revision_of(known[0])[:12], revision_of(at)[:12]
+                logger.info("LoRA %s: %s moved from %s to %s", source.label, name, old, new)
+            self._pins[source.key, scope] = (at, now)
+        noun = "commit" if source.kind == "huggingface" else "version"
+        logger.info("LoRA %s: %s is %s %s", source.label, name, noun, revision_of(at))
+        return at, fetcher
 
     @contextlib.contextmanager
     def entry_lock(self, path: Path):
@@ -231,9 +274,16 @@ class LoraCache:
                     lock.release()
 
     def _download(
-        self, source: Source, credential, endpoints: Endpoints, limits: Limits, dest: Path, *, operator: bool = False
+        self,
+        source: Source,
+        credential,
+        endpoints: Endpoints,
+        fetcher: Fetcher,
+        limits: Limits,
+        dest: Path,
+        *,
+        operator: bool = False,
     ) -> None:
-        fetcher = Fetcher(Guard.from_env(self.resolver, loras=True), limits)
         what = f"LoRA {source.label}"
         plan = resolve(source, credential, fetcher, endpoints, what, operator=operator)
         fd, raw = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")

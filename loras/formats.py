@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError
+from loras.deltas import Delta
 
 logger = logging.getLogger(__name__)
 
@@ -132,21 +133,33 @@ _DOWN = {"lora_A", "lora_down", "lora.down", "lora_linear_layer.down"}
 # kohya, ComfyUI, OneTrainer: `<module>.alpha`; TheLastBen's files: `<module>.lora_A.weight.alpha`.
 _ALPHA = re.compile(r"^(?P<module>.+?)(?:\.(?:lora_A|lora_down)(?:\.[A-Za-z0-9_-]+)?\.weight)?\.alpha$")
 
+# Parts of layers that are not a plain LoRA pair (loras/deltas.py applies them by writing the weights):
+# LyCORIS LoKr and LoHa (`lycoris-lora` modules/lokr.py, loha.py), full differences (`diff`, `diff_b`:
+# LyCORIS "full", ComfyUI's model diff) and DoRA magnitudes (kohya/LyCORIS `dora_scale`, PEFT's
+# `lora_magnitude_vector`, with or without an adapter name).
+_WEIGHT_PARTS = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|hada_w1_a|hada_w1_b|"
+    r"hada_w2_a|hada_w2_b|diff|diff_b|dora_scale)$"
+)
+_MAGNITUDE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+# Which parts make which kind of layer (see loras.deltas.Delta).
+_KINDS = {
+    "lora": ({"lora_A", "lora_B"}, set()),
+    "lokr": (set(), {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, set()),
+    "full": ({"diff"}, {"diff_b"}),
+}
+_OPTIONAL = {"alpha", "magnitude"}
+
 # Tensors of kinds we cannot apply: (pattern on the key, what to call them, harmless when all zero).
-# The adapter in lora_loader is a plain LoRA (B·A added to a frozen base weight), so a DoRA magnitude
-# (which rescales the whole weight), a bias, a full-weight difference or a Kronecker/Hadamard product
-# cannot be represented; an all-zero difference or bias changes nothing, so it is tolerated.
+# A LoRA bias, LyCORIS' Tucker cores (convolutions only) and OFT-like rotations have no meaning for
+# the update kinds above; an all-zero bias or norm difference changes nothing, so it is tolerated.
 _ADAPTER = r"(?:\.[A-Za-z0-9_-]+)?"  # PEFT's adapter name in a key, if any
 _UNSUPPORTED = [
-    (
-        rf"\.(?P<name>lora_magnitude_vector|dora_scale|magnitude){_ADAPTER}(?:\.weight)?$",
-        "DoRA magnitude vectors",
-        False,
-    ),
+    (rf"\.(?P<name>magnitude){_ADAPTER}(?:\.weight)?$", "DoRA magnitude vectors of an unknown layout", False),
     (rf"\.(?P<name>(?:lora_B|lora_up){_ADAPTER}\.bias)$", "LoRA biases", True),
-    (r"\.(?P<name>diff|diff_b|w_norm|b_norm|set_weight)$", "full weight or bias differences", True),
-    (r"\.(?P<name>hada_w[12]_[ab]|hada_t[12])$", "LoHa layers", False),
-    (r"\.(?P<name>lokr_w[12](?:_[ab])?|lokr_t[12])$", "LoKr layers", False),
+    (r"\.(?P<name>w_norm|b_norm|set_weight)$", "normalisation-layer weight differences", True),
+    (r"\.(?P<name>hada_t[12]|lokr_t[12])$", "LoHa/LoKr Tucker cores (convolution layers)", False),
     (r"\.(?P<name>lora_mid)\.weight$", "LoCon/Tucker middle layers", False),
     (r"\.(?P<name>oft_blocks|oft_R|oft_r|oft_diag|scaled_oft|rescale)(?:\.weight)?$", "OFT/BOFT layers", False),
     (r"\.(?P<name>a1|a2|b1|b2)\.weight$", "GLoRA layers", False),
@@ -160,13 +173,14 @@ _UNSUPPORTED = [
 ]
 _UNSUPPORTED_RE = [(re.compile(p), what, zero_ok) for p, what, zero_ok in _UNSUPPORTED]
 
-# T5 parts. FLUX's T5 encoder gets no adapter here (lora_loader adapts the transformers and CLIP
-# only, and no common FLUX trainer trains T5 by default: kohya's `train_t5xxl` and OneTrainer's
-# text_encoder_2 are opt-in). Applying the rest of such a LoRA without its T5 part would serve a
-# different LoRA than the one trained, so a T5 part that changes anything is refused; an all-zero
-# one (ComfyUI writes those) changes nothing and is tolerated with a log line. diffusers drops
-# both kinds with an info message.
-_T5_PREFIXES = ("lora_te2_", "lora_te3_", "text_encoders.t5xxl.", "text_encoder_2.")
+# T5-XXL parts (ComfyUI's model_lora_keys_clip maps the same three spellings): kohya sd-scripts'
+# `train_t5xxl` writes `lora_te3_`, OneTrainer's KOHYA format `lora_te2_`, ComfyUI
+# `text_encoders.t5xxl.transformer.`; diffusers' own is `text_encoder_2.`. T5 has no adapter: its
+# parts are written into its weights (loras/deltas.py). All-zero parts (ComfyUI writes those) are
+# skipped; a server built without T5 refuses a T5 part that changes something.
+_T5_UNDERSCORED = ("lora_te3_", "lora_te2_")
+_T5_DOTTED = ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl.", "text_encoder_2.")
+_T5_PREFIXES = (*_T5_UNDERSCORED, *_T5_DOTTED)
 _CLIP_UNDERSCORED = ("lora_te1_", "lora_te_")
 _CLIP_DOTTED = ("text_encoders.clip_l.transformer.", "text_encoders.clip_l.", "text_encoder.")
 _WRAPPERS = ("base_model.model.", "model.diffusion_model.", "diffusion_model.")
@@ -190,6 +204,8 @@ class _Names:
     def __init__(self, shapes: Shapes):
         self.transformer = shapes.get("transformer", {})
         self.clip = shapes.get("text_encoder", {})
+        self.t5 = shapes.get("t5", {})
+        self.t5_underscored = {name.replace(".", "_"): name for name in self.t5}
         self.bfl = bfl_module_map(*_block_counts(self.transformer))
         self.bfl_underscored = {name.replace(".", "_"): name for name in self.bfl}
         self.transformer_underscored = {name.replace(".", "_"): name for name in self.transformer}
@@ -203,8 +219,13 @@ class _Names:
 
     def layer(self, module: str) -> _Layer:
         """Where the LoRA layer the file calls `module` goes (not checking shapes yet)."""
-        if module.startswith(_T5_PREFIXES):
-            return _Layer(module, "t5", None)
+        for prefix in _T5_UNDERSCORED:
+            if module.startswith(prefix):
+                return self._t5(module, self.t5_underscored.get(module.removeprefix(prefix)))
+        for prefix in _T5_DOTTED:
+            if module.startswith(prefix):
+                rest = module.removeprefix(prefix)
+                return self._t5(module, rest if rest in self.t5 else None)
         for prefix in _CLIP_UNDERSCORED:
             if module.startswith(prefix):
                 return self._clip(module, self.clip_underscored.get(module.removeprefix(prefix)))
@@ -218,6 +239,11 @@ class _Names:
             if rest in self.transformer_underscored:
                 return self._transformer(module, self.transformer_underscored[rest])
             return _Layer(module, "transformer", None, bfl=rest.startswith(("double_blocks_", "single_blocks_")))
+        if module.startswith("lycoris_"):  # LyCORIS (SimpleTuner): the diffusers module path, "_" for "."
+            rest = module.removeprefix("lycoris_")
+            if rest in self.bfl_underscored:
+                return self._bfl(module, self.bfl_underscored[rest])
+            return self._transformer(module, self.transformer_underscored.get(rest))
         if module.startswith("lora_transformer_"):
             return self._transformer(module, self.transformer_underscored.get(module.removeprefix("lora_transformer_")))
         rest, previous = module, None
@@ -243,6 +269,9 @@ class _Names:
         if name is None and re.search(r"(^|[._])embeddings([._]|$)", module):
             return _Layer(module, "clip_embedding", None)
         return _Layer(module, "text_encoder", (name,) if name else None)
+
+    def _t5(self, module: str, name: str | None) -> _Layer:
+        return _Layer(module, "t5", (name,) if name else None)
 
     def _bfl(self, module: str, bfl: str) -> _Layer:
         targets = self.bfl.get(bfl)
@@ -273,11 +302,16 @@ def _is_zero(tensor: torch.Tensor) -> bool:
 
 
 def _key_part(key: str, names: _Names) -> tuple[_Layer, str] | None:
-    """(the layer, "lora_A" / "lora_B" / "alpha") for a key of a LoRA pair, else None."""
+    """(the layer, which part: "lora_A", "lora_B", "alpha", "lokr_w1", …, "diff", "magnitude") for a key of a
+    layer we can apply, else None."""
     if m := _XLABS.match(key):
         return names.xlabs(m), "lora_A" if m["part"] == "down" else "lora_B"
     if m := _PAIR.match(key):
         return names.layer(m["module"]), "lora_A" if m["part"] in _DOWN else "lora_B"
+    if m := _WEIGHT_PARTS.match(key):
+        return names.layer(m["module"]), "magnitude" if m["part"] == "dora_scale" else m["part"]
+    if m := _MAGNITUDE.match(key):
+        return names.layer(m["module"]), "magnitude"
     if m := _ALPHA.match(key):
         return names.layer(m["module"]), "alpha"
     return None
@@ -388,24 +422,43 @@ def _split_rows(down: torch.Tensor, up: torch.Tensor, widths: list[int]) -> list
 class ParsedLora:
     label: str
     digest: str  # sha256 of the file: the same LoRA from two places is one LoRA
-    pairs: dict[str, Pair]  # "transformer.<module>" / "text_encoder.<module>" → (A, B)
+    pairs: dict[str, Pair]  # "transformer.<module>" / "text_encoder.<module>" → (A, B): the rank adapter's part
     unmatched: list[str] = field(default_factory=list)  # the file's layers this model does not have
-    rank: int = 0
+    rank: int = 0  # of the pairs (0: none)
     nbytes: int = 0
     applied: dict[str, int] = field(default_factory=dict)  # component → how many of the file's tensors apply
+    # "<component>.<module>" → the update written into that weight (LoKr, LoHa, full, DoRA, every T5 part).
+    deltas: dict[str, Delta] = field(default_factory=dict)
 
     @cached_property
     def components(self) -> dict[str, dict[str, Pair]]:
         """{"transformer": {module: pair}, "text_encoder": {module: pair}}."""
-        split: dict[str, dict[str, Pair]] = {"transformer": {}, "text_encoder": {}}
-        for key, pair in self.pairs.items():
-            component, module = key.split(".", 1)
-            split[component][module] = pair
-        return split
+        return _by_component(self.pairs, ("transformer", "text_encoder"))
+
+    @cached_property
+    def delta_components(self) -> dict[str, dict[str, Delta]]:
+        """{"transformer": {module: delta}, "text_encoder": {…}, "t5": {…}}."""
+        return _by_component(self.deltas, ("transformer", "text_encoder", "t5"))
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kinds of update in the file ("lora", "lokr", "loha", "full", "dora"), for logs."""
+        kinds = {"lora"} if self.pairs else set()
+        kinds |= {"dora" if d.magnitude is not None else d.kind for d in self.deltas.values()}
+        return sorted(kinds)
 
 
-def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int) -> ParsedLora:
-    """Read, convert and fully validate a LoRA file against the model's shapes. UserError on failure."""
+def _by_component(items: dict, components: tuple[str, ...]) -> dict[str, dict]:
+    split: dict[str, dict] = {c: {} for c in components}
+    for key, item in items.items():
+        component, module = key.split(".", 1)
+        split[component][module] = item
+    return split
+
+
+def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int, digest: str | None = None) -> ParsedLora:
+    """Read, convert and fully validate a LoRA file against the model's shapes. UserError on failure.
+    `digest`: the file's sha256 if the caller has it (`file_digest`)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -421,7 +474,7 @@ def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int) -> ParsedL
         state_dict = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"LoRA {label}: cannot read it as safetensors ({e}).") from e
-    digest = _file_digest(path)
+    digest = digest or file_digest(path)
     try:
         lora = _parse(label, digest, state_dict, metadata, shapes, max_rank)
     except UserError as e:
@@ -440,58 +493,63 @@ def _parse(label, digest, state_dict, metadata, shapes: Shapes, max_rank) -> Par
     layers, tolerated = _read_layers(state_dict, names)
     adapter = _adapter_metadata(metadata)
     pairs: dict[str, Pair] = {}
-    sources: dict[str, str] = {}  # pair name → the file's layer it came from
+    deltas: dict[str, Delta] = {}
+    sources: dict[str, str] = {}  # "<component>.<module>" → the file's layer it came from
     applied: dict[str, int] = {}
     unmatched: list[str] = []
     targeted: dict[str, list[str]] = {}  # component → the file's layers aimed at it
-    refused: list[_Layer] = []  # T5 and CLIP-embedding layers that would change something
+    refused: list[_Layer] = []  # T5 (on a server without it) and CLIP-embedding layers that would change something
     for layer in layers.values():
-        parts = layer.keys
-        if "lora_A" not in parts or "lora_B" not in parts:
-            if set(parts) != {"alpha"}:
-                raise UserError(f"layer {layer.name} has {' and '.join(sorted(parts))} but not both lora_A and lora_B")
-            logger.debug("LoRA %s: alpha %s has no weights beside it; it changes nothing", label, parts["alpha"])
+        kind = _layer_kind(layer)
+        if kind is None:
+            logger.debug("LoRA %s: alpha %s has no weights beside it; it changes nothing", label, layer.keys["alpha"])
             continue
-        down, up = state_dict[parts["lora_A"]], state_dict[parts["lora_B"]]
-        if layer.component in ("t5", "clip_embedding"):
-            if _is_zero(down) or _is_zero(up):
-                tolerated += parts.values()
-            else:
-                refused.append(layer)  # after the checks below: a LoRA for another model is told so first
+        tensors = {part: state_dict[key] for part, key in layer.keys.items()}
+        if kind == "lora" and "diff_b" in tensors and _is_zero(tensors["diff_b"]):
+            tolerated.append(layer.keys["diff_b"])
+            del tensors["diff_b"]
+        zero = kind == "lora" and (_is_zero(tensors["lora_A"]) or _is_zero(tensors["lora_B"]))
+        if zero and "magnitude" not in tensors and layer.component in ("t5", "clip_embedding"):
+            tolerated += layer.keys.values()  # changes nothing; ComfyUI writes such T5 parts
+            continue
+        if kind == "full" and all(_is_zero(t) for t in tensors.values()):
+            tolerated += layer.keys.values()  # a zero difference changes nothing (ComfyUI's model diffs have some)
+            continue
+        if layer.component == "clip_embedding" or (layer.component == "t5" and not names.t5):
+            refused.append(layer)  # after the checks below: a LoRA for another model is told so first
             continue
         targeted.setdefault(layer.component, []).append(layer.name)
+        if layer.targets is None and kind == "full":
+            raise UserError(
+                f"full weight differences are supported on linear layers only (e.g. not on {layer.name}, which is "
+                "not a linear layer of this model)"
+            )
         if layer.targets is None:
             unmatched.append(layer.name)
             continue
-        alpha = _alpha_value(parts["alpha"], state_dict[parts["alpha"]]) if "alpha" in parts else None
         component = layer.component
-        if alpha is None and adapter:
+        alpha = _alpha_value(layer.keys["alpha"], tensors["alpha"]) if "alpha" in tensors else None
+        if alpha is None and adapter and kind == "lora":
             alpha = _metadata_alpha(adapter, component, layer.targets[0])
-        rslora = bool(adapter.get(f"{component}.use_rslora", adapter.get("use_rslora", False)))
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise UserError(f"layer {layer.name} is not a linear LoRA (shapes {tuple(down.shape)}, {tuple(up.shape)})")
-        down, up = _fold_alpha(down, up, alpha, rslora)
         model = shapes[component]
         widths = [model[t][0] for t in layer.targets]
-        if up.shape[0] != sum(widths):
-            raise UserError(
-                f"layer {layer.name} has {up.shape[0]} outputs in the LoRA but {sum(widths)} in this model "
-                "(a LoRA for another model or size?)"
-            )
-        for target, (a, b) in zip(layer.targets, _split_rows(down, up, widths), strict=True):
-            if layer.swap:
-                b = torch.cat(b.chunk(2, dim=0)[::-1])
+        if kind == "lora" and not {"magnitude", "diff_b"} & set(tensors) and component != "t5":
+            rslora = bool(adapter.get(f"{component}.use_rslora", adapter.get("use_rslora", False)))
+            found = _pairs(layer, tensors, alpha, rslora, widths)
+        else:
+            found = _deltas(layer, kind, tensors, alpha, widths, model[layer.targets[0]][1])
+        for target, item in zip(layer.targets, found, strict=True):
             name = f"{component}.{target}"
-            if name in pairs:
+            if name in sources:
                 raise UserError(f"layer {target} appears twice in the file (as {sources[name]} and {layer.name})")
-            pairs[name] = (a.contiguous(), b.t().contiguous().t())  # B column-major, as the adapter holds it
+            (pairs if isinstance(item, tuple) else deltas)[name] = item
             sources[name] = layer.name
-        applied[component] = applied.get(component, 0) + len(parts)
+        applied[component] = applied.get(component, 0) + len(tensors)
     if tolerated:
         logger.info("LoRA %s: %d all-zero tensors change nothing (e.g. %s)", label, len(tolerated), tolerated[0])
-    if refused and not pairs:
+    if refused and not (pairs or deltas):
         _refuse(refused)
-    lora = _validate(label, digest, pairs, unmatched, shapes, max_rank)
+    lora = _validate(label, digest, pairs, deltas, unmatched, shapes, max_rank)
     lora.applied = applied
     _check_components(label, lora, targeted, shapes)
     if refused:
@@ -499,12 +557,131 @@ def _parse(label, digest, state_dict, metadata, shapes: Shapes, max_rank) -> Par
     return lora
 
 
+def _layer_kind(layer: _Layer) -> str | None:
+    """Which kind of update a layer's parts make ("lora", "lokr", "loha", "full"; None: only an alpha)."""
+    parts = set(layer.keys) - _OPTIONAL
+    if not parts and set(layer.keys) == {"alpha"}:
+        return None
+    if parts - {"diff_b"} == {"lora_A", "lora_B"}:  # ComfyUI's LoraSave with bias_diff adds a diff_b
+        return "lora"
+    if parts in ({"diff"}, {"diff", "diff_b"}, {"diff_b"}):
+        return "full"
+    if parts == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+        return "loha"
+    whole = [{f"lokr_w{i}"} for i in (1, 2)]
+    factored = [{f"lokr_w{i}_a", f"lokr_w{i}_b"} for i in (1, 2)]
+    sides = [parts & (whole[i] | factored[i]) for i in (0, 1)]
+    if sides[0] | sides[1] == parts and all(sides[i] in (whole[i], factored[i]) for i in (0, 1)):
+        return "lokr"
+    raise UserError(
+        f"layer {layer.name} has {', '.join(sorted(layer.keys))}: not a complete LoRA, LoKr, LoHa or full-difference "
+        "layer"
+    )
+
+
+def _pairs(layer: _Layer, tensors: dict[str, torch.Tensor], alpha, rslora: bool, widths: list[int]) -> list[Pair]:
+    """A plain LoRA layer → one (A, B) pair per target module, for the rank adapter."""
+    down, up = tensors["lora_A"], tensors["lora_B"]
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise UserError(f"layer {layer.name} is not a linear LoRA (shapes {tuple(down.shape)}, {tuple(up.shape)})")
+    down, up = _fold_alpha(down, up, alpha, rslora)
+    if up.shape[0] != sum(widths):
+        raise UserError(
+            f"layer {layer.name} has {up.shape[0]} outputs in the LoRA but {sum(widths)} in this model "
+            "(a LoRA for another model or size?)"
+        )
+    found = []
+    for a, b in _split_rows(down, up, widths):
+        if layer.swap:
+            b = torch.cat(b.chunk(2, dim=0)[::-1])
+        found.append((a.contiguous(), b.t().contiguous().t()))  # B column-major, as the adapter holds it
+    return found
+
+
+def _deltas(layer: _Layer, kind: str, tensors: dict[str, torch.Tensor], alpha, widths: list[int], width_in: int):
+    """A layer that is not a plain LoRA pair (LoKr, LoHa, full, DoRA, or any T5 layer) → one Delta per target.
+
+    The scales are the forward's of lycoris-lora 4.1.3 (modules/lokr.py, loha.py, full.py): alpha/dim
+    once, dim the rank of the factored side; a LoKr with both sides whole has scale 1 (its stored alpha,
+    often 10000, is ignored, as the library does); a full difference has none."""
+    t = {part: tensor for part, tensor in tensors.items() if part not in _OPTIONAL}
+    for part, tensor in t.items():
+        if tensor.ndim != (1 if part == "diff_b" else 2):
+            raise UserError(f"layer {layer.name} is not a linear layer ({part} has shape {tuple(tensor.shape)})")
+    out = sum(widths)
+    scale = 1.0
+    if kind == "lora":
+        factors = _fold_alpha(t["lora_A"], t["lora_B"], alpha)
+        if factors[1].shape[1] != factors[0].shape[0]:
+            raise UserError(f"layer {layer.name}: lora_A and lora_B do not fit ({tuple(t['lora_A'].shape)})")
+        shape = (factors[1].shape[0], factors[0].shape[1])
+    elif kind == "lokr":
+        names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+        w1, w1a, w1b, w2, w2a, w2b = (t.get(n) for n in names)
+        side1 = w1.shape if w1 is not None else (w1a.shape[0], w1b.shape[1])
+        side2 = w2.shape if w2 is not None else (w2a.shape[0], w2b.shape[1])
+        for a, b in ((w1a, w1b), (w2a, w2b)):
+            if a is not None and a.shape[1] != b.shape[0]:
+                raise UserError(f"layer {layer.name}: its LoKr factors do not fit ({tuple(a.shape)}, {tuple(b.shape)})")
+        dim = w1a.shape[1] if w1a is not None else w2a.shape[1] if w2a is not None else None
+        scale = 1.0 if dim is None else (alpha or dim) / dim
+        factors = (w1, w1a, w1b, w2, w2a, w2b)
+        shape = (side1[0] * side2[0], side1[1] * side2[1])
+    elif kind == "loha":
+        w1a, w1b, w2a, w2b = (t[n] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        shape = (w1a.shape[0], w1b.shape[1])
+        if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0] or (w2a.shape[0], w2b.shape[1]) != shape:
+            raise UserError(f"layer {layer.name}: its LoHa factors do not fit ({tuple(w1a.shape)}, {tuple(w2b.shape)})")
+        dim = w1b.shape[0]
+        scale = (alpha or dim) / dim
+        factors = (w1a, w1b, w2a, w2b)
+    else:
+        factors = (t.get("diff"),)
+        shape = tuple(t["diff"].shape) if "diff" in t else (out, width_in)
+        if "diff_b" in t and t["diff_b"].shape[0] != out:
+            raise UserError(f"layer {layer.name}: its bias difference has {t['diff_b'].shape[0]} values, not {out}")
+    if shape != (out, width_in):
+        raise UserError(
+            f"layer {layer.name} is {out}×{width_in} in this model but {shape[0]}×{shape[1]} in the LoRA "
+            "(a LoRA for another model or size?)"
+        )
+    magnitude = tensors.get("magnitude")
+    if magnitude is not None:
+        if tuple(magnitude.shape) not in ((out,), (out, 1)):  # PEFT's [out]; LyCORIS' wd_on_out [out, 1]
+            raise UserError(
+                f"layer {layer.name}: its DoRA magnitude has shape {tuple(magnitude.shape)}; only one value per "
+                f"output row ({out}) is supported"
+            )
+        magnitude = magnitude.reshape(-1)
+    found, start = [], 0
+    for width in widths:
+        rows = (start, start + width)
+        pieces = [_rows(v, rows, layer.swap) if v is not None else None for v in (t.get("diff_b"), magnitude)]
+        fused = len(widths) > 1
+        if kind == "lora" and (fused or layer.swap):  # the pair's own rows: no need to form the fused ΔW
+            down, up = factors
+            up = _rows(up, rows, layer.swap)
+            found.append(Delta("lora", (down, up), 1.0, None, False, *pieces))
+        else:
+            found.append(Delta(kind, factors, scale, rows if fused else None, layer.swap, *pieces))
+        start += width
+    return found
+
+
+def _rows(tensor: torch.Tensor, rows: tuple[int, int], swap: bool) -> torch.Tensor:
+    """Rows [begin, end) of a fused layer's tensor, halves exchanged for BFL's final modulation."""
+    piece = tensor[rows[0] : rows[1]]
+    if swap:
+        piece = torch.cat(piece.chunk(2, dim=0)[::-1])
+    return piece.contiguous()
+
+
 def _refuse(layers: list[_Layer]) -> None:
     first = layers[0]
     if first.component == "t5":
         raise UserError(
-            f"T5 text-encoder layers are not supported ({_count(len(layers), 'layer')}, e.g. {first.name}; "
-            "FLUX's T5 encoder is frozen here)"
+            f"T5 text-encoder layers are not supported here ({_count(len(layers), 'layer')}, e.g. {first.name}; "
+            "this server was set up without FLUX's T5 encoder)"
         )
     raise UserError(f"LoRA on CLIP's embeddings is not supported ({first.name}; only CLIP's linear layers are)")
 
@@ -523,6 +700,12 @@ def _check_components(label: str, lora: ParsedLora, targeted: dict[str, list[str
                 f"its CLIP text-encoder part ({_count(len(clip), 'layer')}, e.g. {clip[0]}) matches no layer of this "
                 "model's CLIP text encoder"
             )
+    t5 = targeted.get("t5", [])
+    if t5 and not lora.applied.get("t5"):
+        raise UserError(
+            f"its T5 text-encoder part ({_count(len(t5), 'layer')}, e.g. {t5[0]}) matches no layer of this model's T5 "
+            "encoder"
+        )
     if lora.unmatched:
         logger.info(
             "LoRA %s: %d of its layers are not in this model and are skipped (e.g. %s)",
@@ -532,7 +715,7 @@ def _check_components(label: str, lora: ParsedLora, targeted: dict[str, list[str
         )
 
 
-def _validate(label, digest, pairs, unmatched, shapes, max_rank) -> ParsedLora:
+def _validate(label, digest, pairs, deltas: dict[str, Delta], unmatched, shapes, max_rank) -> ParsedLora:
     applied: dict[str, Pair] = {}
     rank = 0
     for name, (down, up) in pairs.items():
@@ -549,14 +732,19 @@ def _validate(label, digest, pairs, unmatched, shapes, max_rank) -> ParsedLora:
             raise UserError(f"layer {name} holds NaN or infinite values")
         rank = max(rank, down.shape[0])
         applied[name] = (down, up)
-    if not applied:
+    for name, delta in deltas.items():
+        if not all(torch.isfinite(t).all() for t in delta.tensors):
+            raise UserError(f"layer {name} holds NaN or infinite values")
+    if not (applied or deltas):
         examples = ", ".join(sorted(unmatched)[:3]) or "no LoRA layers at all"
         raise UserError(f"it matches no layer of this FLUX model (is it a LoRA for another model? it has {examples})")
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for p in applied.values() for t in p}
-    return ParsedLora(label, digest, applied, sorted(set(unmatched)), rank, sum(storages.values()))
+    tensors = [t for p in applied.values() for t in p] + [t for d in deltas.values() for t in d.tensors]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return ParsedLora(label, digest, applied, sorted(set(unmatched)), rank, sum(storages.values()), deltas=deltas)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The sha256 of a file: what identifies a LoRA whatever its source."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

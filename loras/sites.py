@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 from errors import UserError
 from loras.files import check_safetensors, pick_lora_file
@@ -122,6 +123,24 @@ def resolve(
     raise AssertionError(source.kind)
 
 
+def current_revision(source: Source, credential, fetcher: Fetcher, endpoints: Endpoints, what: str) -> str:
+    """What a moving source names now: the commit of a Hugging Face branch or tag (the Hub's
+    /api/models/{repo}/revision/{rev}), the newest version of a CivitAI model (/api/v1/models/{id})."""
+    if source.kind == "civitai":
+        return str(
+            _civitai_newest(source, credential, fetcher, endpoints.civitai, endpoints.trusted(endpoints.civitai), what)[
+                "id"
+            ]
+        )
+    base = endpoints.huggingface
+    url = f"{base}/api/models/{source.repo}/revision/{quote(source.revision, safe='')}"
+    info, _ = fetcher.json(url, what, credential=credential, trusted=endpoints.trusted(base))
+    commit = info.get("sha") if isinstance(info, dict) else None
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise UserError(f"{what}: unexpected answer from the Hugging Face API (no commit for {source.revision!r}).")
+    return commit
+
+
 def _huggingface_file(source, credential, fetcher: Fetcher, base: str, trusted, what: str) -> str:
     from huggingface_hub import hf_hub_url  # builds the URL only: no request, no token
 
@@ -145,25 +164,25 @@ def _huggingface_file(source, credential, fetcher: Fetcher, base: str, trusted, 
 
 
 def _civitai_file(source, credential, fetcher: Fetcher, base: str, trusted, what: str) -> str:
-    if source.version:
-        return f"{base}/api/download/models/{source.version}?{source.url or urlencode(CIVITAI_DEFAULT_QUERY)}"
+    if not source.version:  # a model is pinned to its newest version first (loras.cache, `current_revision`)
+        raise AssertionError(f"{what}: a CivitAI model without a version reached the download")
+    return f"{base}/api/download/models/{source.version}?{source.url or urlencode(CIVITAI_DEFAULT_QUERY)}"
+
+
+def _civitai_newest(source, credential, fetcher: Fetcher, base: str, trusted, what: str) -> dict:
+    """A CivitAI model's newest version (CivitAI lists them newest first), which must hold a SafeTensor model."""
     model, _ = fetcher.json(f"{base}/api/v1/models/{source.model_id}", what, credential=credential, trusted=trusted)
     versions = model.get("modelVersions") if isinstance(model, dict) else None
     if not versions or not isinstance(versions, list) or not isinstance(versions[0], dict):
         raise UserError(f"{what}: the model has no published versions.")
-    newest = versions[0]  # CivitAI lists a model's versions newest first
+    newest = versions[0]
+    if not str(newest.get("id", "")).isdigit():
+        raise UserError(f"{what}: unexpected answer from the CivitAI API (a version without an id).")
     files = [f for f in newest.get("files") or [] if isinstance(f, dict) and f.get("type", "Model") == "Model"]
-    safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
-    if not safetensors:
+    if not any((f.get("metadata") or {}).get("format") == "SafeTensor" for f in files):
         found = ", ".join(printable(f.get("name", "?")) for f in files) or "none"
         raise UserError(f"{what}: its newest version has no SafeTensor model file (files: {found}).")
-    chosen = next((f for f in safetensors if f.get("primary")), safetensors[0])
-    logger.info(
-        "LoRA %s: newest version is %s (%s)", source.label, printable(newest.get("id")), printable(chosen.get("name"))
-    )
-    download = str(chosen.get("downloadUrl") or f"/api/download/models/{newest.get('id')}")
-    parts = urlsplit(download)  # served from the configured endpoint, whatever host the API names
-    return f"{base}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    return newest
 
 
 def local_file(source: Source, max_bytes: int, *, operator: bool = False) -> Path:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -174,7 +174,7 @@ def _huggingface(parts, text: str) -> Source:
     label = f"huggingface.co/{repo}" + (f"@{revision}" if revision != "main" else "") + (f":{where}" if where else "")
     return Source(
         "huggingface",
-        f"hf:{repo}@{revision}:{where}",
+        _hf_key(repo, revision, where),
         label,
         repo=repo,
         revision=revision,
@@ -199,6 +199,39 @@ def _check_hub_names(repo: str, revision: str, path: str, text: str) -> None:
         parts = value.split("/")
         if not re.fullmatch(r"[\w.\-/]*", value) or ".." in parts or (value and "" in parts):
             raise UserError(f"Hugging Face LoRA {redact(text)!r}: its {name} is not valid.")
+
+
+def _hf_key(repo: str, revision: str, where: str) -> str:
+    return f"hf:{repo}@{revision}:{where}"
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def moving(source: Source) -> str:
+    """What in `source` changes ("" if nothing): a Hugging Face branch or tag (not a commit), or a CivitAI
+    model named without a version (its newest version)."""
+    if source.kind == "huggingface" and not _COMMIT.match(source.revision):
+        return source.revision
+    if source.kind == "civitai" and source.model_id and not source.version:
+        return "the newest version"
+    return ""
+
+
+def pinned(source: Source, revision: str) -> Source:
+    """`source` at an immutable `revision`, a commit or a version id (its key, and so its cache entry, names
+    it; its label stays what the user typed)."""
+    if source.kind == "huggingface" and _COMMIT.match(revision):
+        where = source.filename or (source.folder + "/" if source.folder else "")
+        return replace(source, key=_hf_key(source.repo, revision, where), revision=revision)
+    if source.kind == "civitai" and revision.isdigit():
+        return replace(source, key=f"civitai:version:{revision}", version=revision)  # = the version's own source
+    raise ValueError(f"cannot pin {source.kind} source to {revision!r}")
+
+
+def revision_of(source: Source) -> str:
+    """The immutable revision a pinned source names (for logs)."""
+    return source.revision if source.kind == "huggingface" else source.version
 
 
 def _civitai(parts, text: str) -> Source:

@@ -7,6 +7,7 @@ mistake in the loader's table shows up as a wrong ΔW instead of being copied in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -849,6 +850,115 @@ DIFFUSERS_CANNOT_READ = {
 }
 
 
+# ---------------------------------------------------------------- what is not low-rank: written by the tools' own code
+#
+# LyCORIS files are written by `lycoris-lora` itself (what SimpleTuner trains and saves FLUX LyCORIS with:
+# keys `lycoris_` + the diffusers module path with "_"), on the FLUX-width transformer, with random factors
+# (the library initialises one side to zero). tests/test_lora_oracle.py applies them with the library's own
+# modules' forward (`create_lycoris_from_weights`), not its `merge_to()` (issue 22: it applies alpha/dim
+# twice for a decomposed LoKr and for LoHa).
+
+LYCORIS_MODULES = ["FluxAttention", "FeedForward"]  # SimpleTuner's FLUX preset ("Attention", "FeedForward")
+# Full differences are whole matrices (FLUX width: 36 MiB per attention projection in float32): a few layers.
+LYCORIS_FULL_NAMES = [
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_add_out",
+    "single_transformer_blocks.0.attn.to_v",
+]
+LYCORIS_KINDS = {  # name: (create_lycoris arguments, std of the random factors)
+    # SimpleTuner's FLUX LoKr config (its documented lycoris_config.json): linear_dim 10000 makes both
+    # sides whole matrices; the stored alpha (10000, 9984 in bf16) is then no scale and is ignored.
+    "lokr-full-w2": ({"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 16}, 0.15),
+    # a small linear_dim: W2 = W2a·W2b, scale alpha/dim = 0.5
+    "lokr-decomposed": ({"algo": "lokr", "linear_dim": 4, "linear_alpha": 2, "factor": 8}, 0.3),
+    "loha": ({"algo": "loha", "linear_dim": 4, "linear_alpha": 2}, 0.3),
+    "full": ({"algo": "full"}, 0.25),
+    # DoRA on a LoKr (dora_wd): a magnitude per output row (`dora_scale`, [out, 1])
+    "lokr-dora": ({"algo": "lokr", "linear_dim": 4, "linear_alpha": 2, "factor": 8, "dora_wd": True}, 0.4),
+}
+
+
+def lycoris_network(transformer, kind: str, seed: int = 0):
+    """A LyCORIS network of `kind` on `transformer` (applied), with random factors; call `.restore()` after."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    arguments, std = LYCORIS_KINDS[kind]
+    full = arguments["algo"] == "full"
+    LycorisNetwork.apply_preset(
+        {
+            "target_module": [] if full else LYCORIS_MODULES,
+            "target_name": LYCORIS_FULL_NAMES if full else [],
+            "module_algo_map": {},
+            "name_algo_map": {},
+        }
+    )
+    network = create_lycoris(transformer, 1.0, **arguments)
+    network.apply_to()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name.endswith("dora_scale"):  # the base norm per row, made 2 to 3 times larger
+                parameter.mul_(2.5 + 0.5 * (torch.rand(parameter.shape, generator=gen) * 2 - 1))
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=gen) * std)
+    return network
+
+
+def lycoris_file(transformer, kind: str, path: Path, seed: int = 0) -> Path:
+    """The LyCORIS file lycoris-lora saves for a random network of `kind` (bf16, as SimpleTuner saves)."""
+    network = lycoris_network(transformer, kind, seed)
+    try:
+        network.save_weights(str(path), torch.bfloat16, None)
+    finally:
+        network.restore()
+    return path
+
+
+def peft_dora(transformer, *, rank: int = 4, seed: int = 0) -> LoraFile:
+    """A DoRA as PEFT saves it and diffusers' `save_lora_weights` writes it (`transformer.` + PEFT's keys:
+    lora_A, lora_B, lora_magnitude_vector [out]; no alpha: alpha = rank), on the attention projections of
+    every block. The magnitude is the norm of each row of W + B·A (PEFT's initial value) changed by up to ±20 %."""
+    shapes = linear_shapes(transformer)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    targets = [n for n in shapes if n.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_out"))]
+    for name in targets:
+        out, inp = shapes[name]
+        down, up = _rand(gen, rank, inp, std=0.05), _rand(gen, out, rank, std=0.05)
+        weight = transformer.get_submodule(name).weight.detach().double() + up.double() @ down.double()
+        magnitude = weight.norm(dim=1) * (1 + 0.2 * (torch.rand(out, generator=gen, dtype=torch.float64) * 2 - 1))
+        tensors[f"transformer.{name}.lora_A.weight"] = down
+        tensors[f"transformer.{name}.lora_B.weight"] = up
+        tensors[f"transformer.{name}.lora_magnitude_vector"] = magnitude.float()
+    return LoraFile(tensors, {}, source="huggingface/peft DoRA, diffusers save_lora_weights")
+
+
+T5_TARGETS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o", "DenseReluDense.wi_0",
+              "DenseReluDense.wi_1", "DenseReluDense.wo")  # fmt: skip
+T5_STYLES = {  # how each tool names T5-XXL's modules (ComfyUI's model_lora_keys_clip maps all of them)
+    "kohya": lambda name: "lora_te3_" + name.replace(".", "_"),  # sd-scripts lora_flux.py, train_t5xxl
+    "onetrainer": lambda name: "lora_te2_" + name.replace(".", "_"),  # OneTrainer's KOHYA format
+    "comfyui": lambda name: "text_encoders.t5xxl.transformer." + name,
+}
+
+
+def t5_lora(t5, style: str, *, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> LoraFile:
+    """A T5 part (lora_down/lora_up/alpha, fp16) on every attention and feed-forward Linear of T5, named as
+    `style`; `deltas` holds each module's ΔW (float64)."""
+    shapes = linear_shapes(t5)
+    gen = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    for name in [n for n in shapes if n.endswith(T5_TARGETS)]:
+        out, inp = shapes[name]
+        down, up = _rand(gen, rank, inp, std=0.5), _rand(gen, out, rank, std=0.5)
+        stem = T5_STYLES[style](name)
+        tensors[f"{stem}.lora_down.weight"] = down.half()
+        tensors[f"{stem}.lora_up.weight"] = up.half()
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+        deltas[f"t5.{name}"] = up.half().double() @ down.half().double() * (alpha / rank)
+    return LoraFile(tensors, deltas, source=f"{style} T5 names")
+
+
 def tar_bytes(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -941,30 +1051,43 @@ class RouteServer:
         self.redirect(f"/{owner_model}{suffix}", f"{self.url}{blob}")
         return blob
 
-    def hf_repo(self, repo: str, files: dict[str, bytes], revision: str = "main", token: str | None = None):
-        """The tree API huggingface_hub calls, and resolve URLs redirecting to a CDN path."""
+    def hf_repo(self, repo: str, files: dict[str, bytes], revision: str = "main", token: str | None = None) -> str:
+        """The revision API (the branch → its commit), the tree API huggingface_hub calls, and resolve URLs
+        redirecting to a CDN path, at the branch and at its commit. Called again with other files, the
+        branch moves to a new commit. Returns the commit."""
         auth = f"Bearer {token}" if token else None
-        listing = [{"type": "file", "path": p, "size": len(b), "oid": str(i)} for i, (p, b) in enumerate(files.items())]
-        folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
-        listing += [{"type": "directory", "path": f, "oid": "d"} for f in sorted(folders)]
+        commit = hashlib.sha1(
+            b"".join(p.encode() + b"\0" + hashlib.sha1(d).digest() for p, d in files.items())
+        ).hexdigest()
         self.add(
-            f"/api/models/{repo}/tree/{revision}",
-            json.dumps(listing).encode(),
+            f"/api/models/{repo}/revision/{revision}",
+            json.dumps({"id": repo, "sha": commit}).encode(),
             require_auth=auth,
             headers={"Content-Type": "application/json"},
         )
-        for folder in folders:
-            inside = [e for e in listing if e["path"].startswith(folder + "/")]
+        listing = [{"type": "file", "path": p, "size": len(b), "oid": str(i)} for i, (p, b) in enumerate(files.items())]
+        folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
+        listing += [{"type": "directory", "path": f, "oid": "d"} for f in sorted(folders)]
+        for rev in (revision, commit):
             self.add(
-                f"/api/models/{repo}/tree/{revision}/{folder.replace('/', '%2F')}",
-                json.dumps(inside).encode(),
+                f"/api/models/{repo}/tree/{rev}",
+                json.dumps(listing).encode(),
                 require_auth=auth,
                 headers={"Content-Type": "application/json"},
             )
-        for path, data in files.items():
-            cdn = f"/cdn/{repo}/{revision}/{path}"
-            self.add(cdn, data)
-            self.redirect(f"/{repo}/resolve/{revision}/{path}", f"{self.url}{cdn}", require_auth=auth)
+            for folder in folders:
+                inside = [e for e in listing if e["path"].startswith(folder + "/")]
+                self.add(
+                    f"/api/models/{repo}/tree/{rev}/{folder.replace('/', '%2F')}",
+                    json.dumps(inside).encode(),
+                    require_auth=auth,
+                    headers={"Content-Type": "application/json"},
+                )
+            for path, data in files.items():
+                cdn = f"/cdn/{repo}/{rev}/{path}"
+                self.add(cdn, data)
+                self.redirect(f"/{repo}/resolve/{rev}/{path}", f"{self.url}{cdn}", require_auth=auth)
+        return commit
 
     def civitai_model(self, model_id: int, versions: list[tuple[int, bytes]], token: str | None = None):
         """`/api/v1/models/<id>` (newest version first) and `/api/download/models/<v>` → 307 → signed URL."""

@@ -353,7 +353,7 @@ BATTERY = {
     "extra_lora to NAT64 loopback": ({"extra_lora": "http://[64:ff9b::7f00:1]:9/x.safetensors"}, ("error", SSRF)),
     "extra_lora to 6to4 private": ({"extra_lora": "http://[2002:c0a8:101::1]:9/x.safetensors"}, ("error", SSRF)),
     # LoRA files that are not fully understood are refused, not applied in part.
-    "extra_lora with DoRA magnitudes": ({"extra_lora": "someone/dora"}, ("error", "DoRA")),
+    "extra_lora with a DoRA magnitude that fits no layer": ({"extra_lora": "someone/dora"}, ("error", "DoRA")),
     "extra_lora with NaN": ({"extra_lora": "someone/nan"}, ("error", "NaN")),
     "extra_lora with a bad header": ({"extra_lora": "someone/overlap"}, ("error", "LoRA")),
     "extra_lora with integer tensors": ({"extra_lora": "someone/int"}, ("error", "LoRA")),
@@ -368,13 +368,13 @@ SLOW_BOUND_S = {"image url hangs": 20, "extra_lora hangs": LORA_TIMEOUT_S * 3 + 
 
 
 def hostile_loras(tree: Path) -> dict[str, bytes]:
-    """LoRA files a parser must refuse whole: DoRA magnitudes beside the pairs, NaN values, a header
-    whose offsets overlap, integer tensors."""
+    """LoRA files a parser must refuse whole: a DoRA magnitude of the wrong length beside the pairs (DoRA
+    itself is applied: tests/test_lora_oracle.py), NaN values, a header whose offsets overlap, integer tensors."""
     from safetensors.torch import load, save
 
     good = load(scaled_lora(tree, 1.0))
     name = next(k for k in good if k.endswith("lora_A.weight"))
-    dora = {**good, name.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(good[name].shape[1])}
+    dora = {**good, name.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(good[name].shape[1] + 1)}
     nan = {**good, name: torch.full_like(good[name], float("nan"))}
     ints = {k: v.to(torch.int32) for k, v in good.items()}
     header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},

@@ -741,3 +741,149 @@ def test_the_adapter_forward_adds_into_a_strided_output_too(setup):
         out, torch.nn.functional.linear(x, fx.effective_weight(layer).float(), layer.base_layer.bias)
     )
     m.reset()
+
+
+# ---------------------------------------------------------------- issue 22: what is written into the weights
+#
+# LoKr, LoHa, full differences, DoRA and T5 parts are written into the touched base weights from pristine
+# copies (loras/deltas.py). Here: a LyCORIS LoKr as the deployment's main LoRA (written by lycoris-lora on
+# the tiny transformer), mixed with plain LoRA extras, a LoHa extra and a T5 part; every switch is exact,
+# the base comes back bit for bit, and a cancel at any write leaves a state the next request undoes.
+
+
+def _bits(pipe) -> dict[tuple[str, str], torch.Tensor]:
+    """Every tensor of the transformer, CLIP and T5 (adapter weights included), as stored."""
+    models = {"transformer": pipe.transformer, "clip": pipe.text_encoder, "t5": pipe.text_encoder_2}
+    return {(c, n): t.detach().clone() for c, m in models.items() for n, t in m.state_dict().items()}
+
+
+def _base_bits(pipe) -> dict[tuple[str, str], torch.Tensor]:
+    """The models' own tensors (not the adapter's), named as before the adapter was injected."""
+    return {
+        (c, n.replace(".base_layer", "")): t
+        for (c, n), t in _bits(pipe).items()
+        if ".lora_A." not in n and ".lora_B." not in n
+    }
+
+
+def _differing(a: dict, b: dict) -> list:
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.fixture(scope="module")
+def written(setup, tree):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tree / "FLUX.1-dev")
+    files = setup["files"]
+    lokr = fx.lycoris_file(pipe.transformer, "lokr-decomposed", files / "lokr.safetensors", seed=1)
+    fx.lycoris_file(pipe.transformer, "loha", files / "loha.safetensors", seed=2)
+    t5 = fx.t5_lora(pipe.text_encoder_2, "kohya", seed=3)
+    t5.tensors |= fx.bfl_family(pipe.transformer, style="kohya", seed=4).tensors  # sd-scripts' train_t5xxl
+    t5.write(files / "t5.safetensors")
+    base = _base_bits(pipe)
+    manager = LoraManager(
+        [pipe.transformer], pipe.text_encoder, setup["cache"], max_rank=MAX_RANK, main=lokr, t5=pipe.text_encoder_2
+    )
+    yield {
+        "pipe": pipe,
+        "manager": manager,
+        "base": base,
+        "t5": t5,
+        "t5_path": str(files / "t5.safetensors"),
+        "loha_path": str(files / "loha.safetensors"),
+    }
+    manager.reset()
+
+
+def test_a_lokr_main_mixes_with_lora_extras_and_t5_parts_and_the_base_comes_back_bit_for_bit(setup, written):
+    pipe, m, base = written["pipe"], written["manager"], written["base"]
+    t = pipe.transformer
+    assert m.main.kinds == ["lokr"] and not m.main.pairs
+    lokr = {name: d.weight().double() for name, d in m.main.delta_components["transformer"].items()}
+    base_dev = {n.removesuffix(".weight"): w.double() for (c, n), w in base.items() if c == "transformer"}
+    base_t5 = {n.removesuffix(".weight"): w.double() for (c, n), w in base.items() if c == "t5"}
+
+    # 1. the LoKr main (in the weights) + a kohya LoRA extra (on the adapter), each at its scale
+    m.apply(t, 0.8, setup["extra_url"], 0.6)
+    check(t, base_dev, [(0.8, lokr), (0.6, setup["extra"].deltas)])
+    assert [v.loras for v in m.state(t).values()] == [(("lokr.safetensors", 0.8),), ((setup["extra_url"], 0.6),)]
+    # 2. + a T5 part: T5's weights change by exactly scale·ΔW (float32 rounding of the merge)
+    m.apply(t, 0.8, written["t5_path"], 0.5)
+    for name, delta in written["t5"].deltas.items():
+        weight = pipe.text_encoder_2.get_submodule(name.removeprefix("t5.")).weight.double()
+        torch.testing.assert_close(weight, base_t5[name.removeprefix("t5.")] + 0.5 * delta, rtol=1e-6, atol=1e-6)
+    # 3. the main off, a LoHa extra: the LoKr's and T5's weights are back bit for bit
+    m.apply(t, 0.0, written["loha_path"], 0.5)
+    loha = m._parsed(written["loha_path"], None)
+    touched = {f"{n}.weight" for n in loha.delta_components["transformer"]}
+    assert {n for c, n in _differing(_base_bits(pipe), base)} == touched
+    # 4. back to the base: every tensor of every model, bit for bit
+    m.reset()
+    assert not _differing(_base_bits(pipe), base)
+    assert not m.deltas.pristine
+
+
+def test_a_cancel_at_any_write_of_a_weight_switch_is_undone_by_the_next_request(setup, written):
+    """A cancel after the k-th write of a switch (LoKr main + T5 part → LoHa + LoRA extras), then each
+    later request gives, bit for bit, what it gives on a manager that was never interrupted."""
+    pipe, m = written["pipe"], written["manager"]
+    t = pipe.transformer
+    before = (1.0, written["t5_path"], 1.0)
+    switch = (0.5, f"{written['loha_path']}:0.7, {setup['extra_url']}:0.3", 1.0)
+    later = [(1.0, None, 0.0), (0.0, written["t5_path"], 0.6), (0.0, None, 0.0), switch]
+    expected = []
+    m.reset()
+    for request in later:  # what each later request gives, never interrupted
+        m.apply(t, *request)
+        expected.append(_bits(pipe))
+    m.apply(t, *before)
+    with CancelAtWrite() as counter:
+        m.apply(t, *switch)
+    total = counter.writes
+    for k in sorted({1, 2, total // 3, total // 2, 2 * total // 3, total - 1}):
+        m.apply(t, *before)
+        with pytest.raises(Cancelled), CancelAtWrite(k):
+            m.apply(t, *switch)
+        for request, bits in zip(later, expected, strict=True):
+            m.apply(t, *request)
+            assert not _differing(_bits(pipe), bits), (k, request)
+    m.reset()
+    assert not _differing(_base_bits(pipe), written["base"])
+
+
+def test_a_quantized_weight_refuses_a_lokr_before_anything_is_written(setup, written):
+    """A weight the delta path cannot write (float8, as FLUX_FP8=1 makes the blocks' weights) is found before
+    anything changes: the request fails in one line and the models are as they were."""
+    pipe, m = written["pipe"], written["manager"]
+    m.reset()
+    name = next(iter(m.main.delta_components["transformer"]))
+    layer = pipe.transformer.get_submodule(name).get_base_layer()
+    original = layer.weight.data
+    layer.weight.data = original.to(torch.float8_e4m3fn)
+    try:
+        before = _bits(pipe)
+        with pytest.raises(UserError, match=rf"^layer {name} is quantized here .* \(run without FLUX_FP8\)\.$"):
+            m.apply(pipe.transformer, 1.0, setup["extra_url"], 1.0)
+        assert not _differing(_bits(pipe), before)
+    finally:
+        layer.weight.data = original
+
+
+def test_the_same_file_behind_another_signed_url_is_parsed_once(setup, hub, caplog):
+    """A signed URL's signature changes while its file does not: it is downloaded again (another URL) but
+    parsed once (parsed LoRAs are kept by content), and the request shows the URL it was given."""
+    s = setup
+    m, t = s["manager"], s["pipe"].transformer
+    data = fx.bfl_family(t, style="kohya", seed=31).to_bytes()
+    hub.add("/signed/style.safetensors", data)
+    first, second = (f"{hub.url}/signed/style.safetensors?X-Amz-Signature={sig}" for sig in ("aaa", "bbb"))
+    caplog.set_level("INFO", logger="lora_loader")
+    m.apply(t, 0.0, first, 1.0)
+    m.apply(t, 0.0, second, 1.0)
+    parsed = [r.getMessage() for r in caplog.records if "parsed" in r.getMessage()]
+    assert len(parsed) == 2 and "from memory" in parsed[1] and "from memory" not in parsed[0]
+    assert hub.hits("/signed/style.safetensors") == 2
+    assert m.state(t)["extra"].loras == ((f"{hub.url}/signed/style.safetensors?…", 1.0),)
+    m.reset()

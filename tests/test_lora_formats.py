@@ -309,40 +309,49 @@ def _kohya_plus(tiny, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 UNSUPPORTED = {  # kind: (extra tensors, the words of the error); each was dropped in silence by the old code
-    "PEFT DoRA": (
-        {"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(32)},
-        r"DoRA magnitude vectors \(lora_magnitude_vector\) are not supported",
+    "DoRA per input column": (
+        {"lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)},
+        r"layer lora_unet_double_blocks_0_img_attn_proj: its DoRA magnitude has shape \(1, 32\); only one value per "
+        r"output row \(32\) is supported",
     ),
-    "OneTrainer/kohya DoRA": (
-        {"lora_unet_double_blocks_0_img_attn_qkv.dora_scale": torch.ones(1, 32)},
-        r"DoRA magnitude vectors \(dora_scale\) are not supported",
+    "a DoRA magnitude alone": (
+        {"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(32)},
+        r"layer transformer.transformer_blocks.0.attn.to_q has magnitude: not a complete LoRA, LoKr, LoHa",
     ),
     "ai-toolkit DoRA": (
         {"transformer.transformer_blocks.0.attn.to_q.magnitude": torch.ones(32)},
-        r"DoRA magnitude vectors \(magnitude\) are not supported",
+        r"DoRA magnitude vectors of an unknown layout \(magnitude\) are not supported",
     ),
     "lora_B.bias": (
         {"transformer.transformer_blocks.0.attn.to_q.lora_B.bias": torch.ones(32)},
         r"LoRA biases \(lora_B\.bias\) are not supported",
     ),
-    "LyCORIS diff": (
+    "ComfyUI diff of a norm": (
         {"diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff": torch.ones(16)},
-        r"full weight or bias differences \(diff\) are not supported",
+        r"full weight differences are supported on linear layers only \(e\.g\. not on diffusion_model\.double_blocks",
     ),
-    "ComfyUI diff_b": (
-        {"diffusion_model.double_blocks.0.img_attn.qkv.diff_b": torch.ones(96)},
-        r"full weight or bias differences \(diff_b\) are not supported",
-    ),
-    "LoKr": (
+    "LoKr with W1 whole and factored": (
         {
             "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.ones(4, 4),
+            "lycoris_transformer_blocks_0_attn_to_q.lokr_w1_a": torch.ones(4, 2),
             "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.ones(8, 8),
         },
-        r"LoKr layers \(lokr_w1, lokr_w2\) are not supported \(2 tensors",
+        r"layer lycoris_transformer_blocks_0_attn_to_q has lokr_w1, lokr_w1_a, lokr_w2: not a complete",
     ),
-    "LoHa": (
+    "LoKr of the wrong size": (
+        {
+            "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.ones(4, 4),
+            "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.ones(4, 8),
+        },
+        r"layer lycoris_transformer_blocks_0_attn_to_q is 32×32 in this model but 16×32 in the LoRA",
+    ),
+    "half a LoHa": (
         {"lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.ones(32, 4)},
-        r"LoHa layers \(hada_w1_a\) are not supported",
+        r"layer lora_unet_double_blocks_0_img_attn_proj has alpha, hada_w1_a, lora_A, lora_B: not a complete LoRA",
+    ),
+    "LoHa Tucker": (
+        {"lora_unet_double_blocks_0_img_attn_proj.hada_t1": torch.ones(4, 4)},
+        r"LoHa/LoKr Tucker cores \(convolution layers\) \(hada_t1\) are not supported",
     ),
     "FLUX Control norms": (
         {"double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16)},
@@ -374,12 +383,12 @@ def test_all_zero_biases_and_differences_change_nothing_and_are_tolerated(tiny, 
     assert "2 all-zero tensors change nothing" in caplog.text
 
 
-def test_t5_parts_are_refused_unless_all_zero(tiny, tmp_path, caplog):
-    """FLUX's T5 gets no adapter: a T5 part that changes something would be dropped, so the file is refused
-    (old code: dropped in silence); an all-zero one (ComfyUI writes those) changes nothing."""
+def test_t5_parts_are_refused_without_t5_unless_all_zero(tiny, tmp_path, caplog):
+    """A server set up without T5 (a LoraManager given none) cannot apply a T5 part that changes something: the
+    file is refused (old code: dropped in silence); an all-zero one (ComfyUI writes those) changes nothing."""
     for stem in ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "text_encoders.t5xxl.transformer.encoder.block.0"):
         t5 = {f"{stem}.lora_down.weight": torch.randn(4, 32), f"{stem}.lora_up.weight": torch.randn(32, 4)}
-        with pytest.raises(UserError, match=r"T5 text-encoder layers are not supported .*FLUX's T5 encoder is frozen"):
+        with pytest.raises(UserError, match=r"T5 text-encoder layers are not supported here .*without FLUX's T5"):
             _parse(tiny, tmp_path, _kohya_plus(tiny, t5), max_rank=32)
     t5 = {f"{stem}.lora_down.weight": torch.randn(4, 32), f"{stem}.lora_up.weight": torch.zeros(32, 4)}
     t5["lora_te2_encoder_block_0_layer_0_SelfAttention_q.alpha"] = torch.tensor(4.0)  # OneTrainer's T5 prefix
@@ -388,7 +397,9 @@ def test_t5_parts_are_refused_unless_all_zero(tiny, tmp_path, caplog):
     assert "all-zero tensors change nothing" in caplog.text
     assert "t5" not in parsed.applied
     only_t5 = {f"{stem}.lora_down.weight": torch.randn(4, 32), f"{stem}.lora_up.weight": torch.randn(32, 4)}
-    with pytest.raises(UserError, match=r"T5 text-encoder layers are not supported \(1 layer, e\.g\. text_encoders"):
+    with pytest.raises(
+        UserError, match=r"T5 text-encoder layers are not supported here \(1 layer, e\.g\. text_encoders"
+    ):
         _parse(tiny, tmp_path, only_t5)
     stem = "lora_te1_text_model_embeddings_token_embedding"
     embedding = {f"{stem}.lora_down.weight": torch.randn(4, 32), f"{stem}.lora_up.weight": torch.randn(299, 4)}
@@ -489,7 +500,7 @@ def test_nan_and_half_pairs_are_errors(tiny, tmp_path):
         parse_lora(lora.write(tmp_path / "nan.safetensors"), "nan", manager.shapes, 8)
     lora = fx.bfl_family(dev, style="kohya")
     del lora.tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
-    with pytest.raises(UserError, match="not both lora_A and lora_B"):
+    with pytest.raises(UserError, match="has alpha, lora_A: not a complete LoRA"):
         parse_lora(lora.write(tmp_path / "half.safetensors"), "half", manager.shapes, 8)
     lora = fx.bfl_family(dev, style="kohya")
     lora.tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(float("inf"))
@@ -505,3 +516,71 @@ def test_metadata_alpha_is_folded_once(tiny, tmp_path):
     parsed = parse_lora(lora.write(tmp_path / "m.safetensors"), "m", manager.shapes, 8)
     for name, (down, up) in parsed.pairs.items():
         torch.testing.assert_close(up.double() @ down.double(), lora.deltas[name])
+
+
+# ---------------------------------------------------------------- issue 22: what is not low-rank, and T5
+
+
+def test_kohya_named_lokr_on_a_fused_layer_splits_its_delta_by_rows(tiny, tmp_path):
+    """LyCORIS trained through sd-scripts names FLUX's modules as kohya does (`lora_unet_double_blocks_0_img_attn_qkv`):
+    the LoKr's ΔW = alpha/dim · kron(W1, W2a·W2b) of the fused layer is split into q, k and v rows."""
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    gen = torch.Generator().manual_seed(0)
+    w1, w2a, w2b = torch.randn(4, 4, generator=gen), torch.randn(24, 2, generator=gen), torch.randn(2, 8, generator=gen)
+    tensors = {
+        f"{stem}.lokr_w1": w1,
+        f"{stem}.lokr_w2_a": w2a,
+        f"{stem}.lokr_w2_b": w2b,
+        f"{stem}.alpha": torch.tensor(1.0),
+    }
+    parsed = _parse(tiny, tmp_path, tensors)
+    expected = torch.kron(w1.double(), w2a.double() @ w2b.double()) * 0.5
+    assert parsed.kinds == ["lokr"] and not parsed.pairs and parsed.rank == 0
+    for i, target in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+        delta = parsed.deltas[f"transformer.transformer_blocks.0.{target}"].weight()
+        torch.testing.assert_close(delta.double(), expected[32 * i : 32 * (i + 1)], rtol=1e-5, atol=1e-5)
+
+
+def test_a_lokr_with_both_sides_whole_ignores_its_alpha(tiny, tmp_path):
+    """SimpleTuner's FLUX LoKr (linear_dim 10000): W1 and W2 whole, alpha 10000 stored (9984 in bf16); the
+    library's scale is then 1, whatever the alpha."""
+    stem = "lycoris_transformer_blocks_0_attn_to_q"
+    w1, w2 = torch.randn(4, 4), torch.randn(8, 8)
+    alpha = torch.tensor(10000.0).to(torch.bfloat16)
+    parsed = _parse(tiny, tmp_path, {f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2": w2, f"{stem}.alpha": alpha})
+    delta = parsed.deltas["transformer.transformer_blocks.0.attn.to_q"].weight()
+    torch.testing.assert_close(delta, torch.kron(w1, w2))
+
+
+def test_a_lora_layer_with_a_bias_difference_goes_to_the_weights(tiny, tmp_path, caplog):
+    """ComfyUI's LoraSave with bias_diff writes a diff_b beside a layer's pair: the bias changes too, so the layer
+    is written into the weights; an all-zero diff_b changes nothing and the pair stays on the adapter."""
+    stem = "diffusion_model.double_blocks.0.img_attn.proj"
+    down, up, bias = torch.randn(4, 32), torch.randn(32, 4), torch.randn(32)
+    pair = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+    parsed = _parse(tiny, tmp_path, {**pair, f"{stem}.diff_b": bias})
+    delta = parsed.deltas["transformer.transformer_blocks.0.attn.to_out.0"]
+    torch.testing.assert_close(delta.weight(), up @ down)
+    torch.testing.assert_close(delta.bias, bias)
+    with caplog.at_level("INFO", logger="loras.formats"):
+        parsed = _parse(tiny, tmp_path, {**pair, f"{stem}.diff_b": torch.zeros(32)})
+    assert list(parsed.pairs) == ["transformer.transformer_blocks.0.attn.to_out.0"] and not parsed.deltas
+    assert "1 all-zero tensors change nothing" in caplog.text
+
+
+@pytest.mark.parametrize("style", sorted(fx.T5_STYLES))
+def test_t5_parts_parse_to_their_delta_when_the_server_has_t5(tiny, tmp_path, style):
+    """kohya (lora_te3_), OneTrainer (lora_te2_) and ComfyUI (text_encoders.t5xxl.transformer.) name T5's modules
+    differently (ComfyUI's model_lora_keys_clip maps all three); each reaches the same T5 module."""
+    import tempfile
+
+    manager, dev, _, clip, _ = tiny
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, t5, _ = tiny_weights.text_encoders(Path(tmp))
+    shapes = {**manager.shapes, "t5": fx.linear_shapes(t5)}
+    lora = fx.t5_lora(t5, style)
+    parsed = _parse(tiny, tmp_path, {**fx.REAL_LAYOUTS["kohya"](dev, clip).tensors, **lora.tensors}, shapes=shapes)
+    got = {name: delta.weight().double() for name, delta in parsed.deltas.items()}
+    assert set(got) == set(lora.deltas) and parsed.applied["t5"] == len(lora.tensors)
+    for name, delta in lora.deltas.items():
+        torch.testing.assert_close(got[name], delta, rtol=1e-5, atol=1e-6)

@@ -47,13 +47,13 @@ SCALE = 0.8
 LAYOUTS = sorted(fx.REAL_LAYOUTS)
 
 
-def _image(pipe) -> np.ndarray:
+def _image(pipe, steps: int = 2) -> np.ndarray:
     """The picture as 8-bit levels (int16, to subtract)."""
     out = pipe(
         "a photo of a cat",
         height=64,
         width=64,
-        num_inference_steps=2,
+        num_inference_steps=steps,
         guidance_scale=3.5,
         max_sequence_length=16,
         generator=torch.Generator().manual_seed(0),
@@ -195,3 +195,148 @@ def test_diffusers_cannot_read_these_itself(flux, name):
 def test_converted_oracles_are_the_layouts_diffusers_cannot_read(flux):
     converted = {name for name, (lora, _) in flux["files"].items() if lora.oracle is not None}
     assert converted == set(fx.DIFFUSERS_CANNOT_READ) == set(flux["direct"])
+
+
+# ------------------------------------------------------- what is not low-rank: lycoris-lora and PEFT as oracles
+#
+# LoKr (both sides whole, as SimpleTuner's FLUX config makes it; and W2 decomposed, with a factor), LoHa,
+# full differences and a DoRA LoKr are written by lycoris-lora 4.1.3 itself and applied by its own modules'
+# forward (not `merge_to()`, which applies alpha/dim twice for a decomposed LoKr and for LoHa); a PEFT DoRA
+# is applied by diffusers/PEFT at SCALE (LyCORIS and ComfyUI disagree with PEFT at scales other than 1; we
+# follow PEFT, the format's owner, so the LyCORIS DoRA is compared at scale 1). T5 parts (kohya's and
+# OneTrainer's names, and ComfyUI's) are compared with T5 with the delta merged in float32.
+
+WEIGHT_KINDS = [*sorted(fx.LYCORIS_KINDS), "peft-dora"]
+
+
+def _scale(kind: str) -> float:
+    return 1.0 if kind == "lokr-dora" else SCALE
+
+
+def _layer_probes(model) -> dict[str, torch.Tensor]:
+    """Each Linear layer's output for a fixed random input (whatever wraps it: LyCORIS, PEFT, our adapter)."""
+    probes = {}
+    with torch.no_grad():
+        for name, (_, width) in fx.linear_shapes(model).items():
+            x = torch.randn(3, width, generator=torch.Generator().manual_seed(width))
+            probes[name] = model.get_submodule(name)(x).double()
+    return probes
+
+
+def _changed_layers(probes, base) -> dict[str, torch.Tensor]:
+    return {name: probe - base[name] for name, probe in probes.items() if not torch.equal(probe, base[name])}
+
+
+def _bits(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def weights_flux(tmp_path_factory):
+    """The pipeline, a file of each kind, what its own library makes of it, then our LoraManager (with T5)."""
+    folder = tmp_path_factory.mktemp("weight-loras")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LYCORIS_KERNEL_BACKEND", "torch")  # on a CPU, lycoris-lora would torch.compile each op first
+        mp.setenv("LORA_LOCAL_DIR", str(folder))
+        yield from _weights_flux(folder, tmp_path_factory)
+
+
+def _weights_flux(folder: Path, tmp_path_factory):
+    from lycoris import create_lycoris_from_weights
+
+    from lora_loader import LoraManager
+    from loras.cache import LoraCache
+
+    pipe = _pipeline()
+    base_probes, base_image, base_bits = _layer_probes(pipe.transformer), _image(pipe, steps=1), _bits(pipe.transformer)
+    files, oracle = {}, {}
+    for seed, kind in enumerate(sorted(fx.LYCORIS_KINDS)):
+        files[kind] = fx.lycoris_file(pipe.transformer, kind, folder / f"{kind}.safetensors", seed=seed)
+        network, _ = create_lycoris_from_weights(_scale(kind), str(files[kind]), pipe.transformer)
+        network.apply_to()
+        try:
+            oracle[kind] = (_image(pipe, steps=1), _changed_layers(_layer_probes(pipe.transformer), base_probes))
+        finally:
+            network.restore()
+    files["peft-dora"] = fx.peft_dora(pipe.transformer).write(folder / "peft-dora.safetensors")
+    pipe.load_lora_weights(str(files["peft-dora"]), adapter_name="oracle")
+    pipe.set_adapters(["oracle"], [SCALE])
+    oracle["peft-dora"] = (_image(pipe, steps=1), _changed_layers(_layer_probes(pipe.transformer), base_probes))
+    pipe.unload_lora_weights()
+    assert all(torch.equal(t, base_bits[n]) for n, t in _bits(pipe.transformer).items()), "an oracle left a trace"
+    manager = LoraManager(
+        [pipe.transformer],
+        pipe.text_encoder,
+        LoraCache(tmp_path_factory.mktemp("cache"), 1 << 30),
+        max_rank=16,
+        t5=pipe.text_encoder_2,
+    )
+    yield {
+        "pipe": pipe,
+        "files": files,
+        "folder": folder,
+        "oracle": oracle,
+        "base": (base_image, _layer_probes(pipe.transformer), base_bits),
+        "manager": manager,
+    }
+    manager.reset()
+
+
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+def test_weight_kind_applies_exactly_as_its_library_does(weights_flux, kind):
+    pipe, manager = weights_flux["pipe"], weights_flux["manager"]
+    base_image, base_probes, base_bits = weights_flux["base"]
+    expected_image, expected = weights_flux["oracle"][kind]
+    assert expected, f"{kind}: the oracle changes nothing"
+
+    manager.apply(pipe.transformer, 0.0, str(weights_flux["files"][kind]), _scale(kind))
+    try:
+        ours = _changed_layers(_layer_probes(pipe.transformer), base_probes)
+        image = _image(pipe, steps=1)
+    finally:
+        manager.reset()
+
+    # layer by layer (LyCORIS forms W + ΔW − W in float32: its own rounding is ~1e-5 of a small ΔW)
+    _same_delta(ours, expected, 1e-3, f"{kind}: ours vs its library")
+    # the picture
+    worst = int(np.abs(image - expected_image).max())
+    assert worst <= 1, f"{kind}: {worst} levels from its library's picture"
+    changed = float(np.abs(image - base_image).mean())
+    assert changed > 2, f"{kind}: only {changed:.1f} levels from the base on average: the LoRA hardly shows"
+    # and the base is back, bit for bit
+    assert all(torch.equal(t, base_bits[n]) for n, t in _bits(pipe.transformer).items() if n in base_bits)
+
+
+@pytest.mark.parametrize("style", sorted(fx.T5_STYLES))
+def test_t5_parts_apply_as_t5_with_the_delta_merged(weights_flux, style, tmp_path):
+    """kohya's (lora_te3_), OneTrainer's (lora_te2_) and ComfyUI's (text_encoders.t5xxl.transformer.) T5 names,
+    with a kohya transformer part beside them, as sd-scripts' train_t5xxl writes it: T5 computes what T5 with
+    scale·ΔW merged in float32 computes, the picture changes, and T5 is back bit for bit afterwards."""
+    import copy
+
+    pipe, manager = weights_flux["pipe"], weights_flux["manager"]
+    t5 = pipe.text_encoder_2
+    lora = fx.t5_lora(t5, style)
+    lora.tensors |= fx.REAL_LAYOUTS["kohya"](pipe.transformer, None, seed=3).tensors
+    path = lora.write(weights_flux["folder"] / f"t5-{style}.safetensors")
+    merged = copy.deepcopy(t5)
+    with torch.no_grad():
+        for name, delta in lora.deltas.items():
+            layer = merged.get_submodule(name.removeprefix("t5."))
+            layer.weight.copy_(layer.weight.double() + SCALE * delta)
+    ids = pipe.tokenizer_2(["a photo of a cat"], return_tensors="pt").input_ids
+    base_bits = _bits(t5)
+    with torch.no_grad():
+        base = t5(ids).last_hidden_state
+        expected = merged(ids).last_hidden_state
+
+    manager.apply(pipe.transformer, 0.0, str(path), SCALE)
+    try:
+        with torch.no_grad():
+            ours = t5(ids).last_hidden_state
+    finally:
+        manager.reset()
+
+    assert not torch.allclose(expected, base, rtol=1e-2), f"{style}: the T5 part hardly changes T5"
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(t, base_bits[n]) for n, t in _bits(t5).items())

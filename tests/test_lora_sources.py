@@ -8,6 +8,7 @@ names are mapped to addresses by a resolver the test injects (the SSRF guard's D
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import ssl
@@ -338,20 +339,21 @@ def test_hf_repo_picks_the_lora_file(env, hub, cache):
 
 def test_hf_resolve_blob_and_subfolders(env, hub, cache):
     data = lora_bytes(6)
-    hub.hf_repo("o/r", {"sub/x.safetensors": data, "other/y.safetensors": lora_bytes(7)}, revision="v2")
+    commit = hub.hf_repo("o/r", {"sub/x.safetensors": data, "other/y.safetensors": lora_bytes(7)}, revision="v2")
     first = cache.fetch("https://huggingface.co/o/r/resolve/v2/sub/x.safetensors?download=true")
     assert same_bytes(first, data)
     assert cache.fetch("https://huggingface.co/o/r/blob/v2/sub/x.safetensors") == first  # the file, not HTML
     assert same_bytes(cache.fetch("https://huggingface.co/o/r/tree/v2/sub"), data)
-    assert hub.hits("/cdn/o/r/v2/sub/x.safetensors") == 2  # the file entry and the folder entry
+    # the tag is fetched at the commit it names (a moving source), the file entry and the folder entry
+    assert hub.hits(f"/cdn/o/r/{commit}/sub/x.safetensors") == 2
 
 
 def test_hf_tree_pagination_follows_link_headers(env, hub, cache):
     data = lora_bytes(8)
-    hub.hf_repo("o/paged", {"README.md": b"x", "lora.safetensors": data})
-    first = hub.routes["/api/models/o/paged/tree/main"]
+    commit = hub.hf_repo("o/paged", {"README.md": b"x", "lora.safetensors": data})
+    first = hub.routes[f"/api/models/o/paged/tree/{commit}"]
     hub.add(
-        "/api/models/o/paged/tree/main",
+        f"/api/models/o/paged/tree/{commit}",
         b'[{"type": "file", "path": "README.md"}]',
         headers={"Link": f'<{hub.url}/api/models/o/paged/page2?cursor=x>; rel="next"'},
     )
@@ -377,15 +379,14 @@ def test_lora_hf_token_goes_to_the_hf_endpoint_only(env, hub, cache):
     token = SECRETS["LORA_HF_TOKEN"]
     env.setenv("LORA_HF_TOKEN", token)
     data = lora_bytes(10)
-    hub.hf_repo("o/private", {"lora.safetensors": data}, token=token)
+    commit = hub.hf_repo("o/private", {"lora.safetensors": data}, token=token)
     cdn = "/elsewhere/lora.safetensors"
     hub.add(cdn, data)  # the file itself lives on another origin (localhost vs 127.0.0.1)
-    hub.redirect(
-        "/o/private/resolve/main/lora.safetensors", f"http://localhost:{hub.port}{cdn}", require_auth=f"Bearer {token}"
-    )
+    resolve = f"/o/private/resolve/{commit}/lora.safetensors"
+    hub.redirect(resolve, f"http://localhost:{hub.port}{cdn}", require_auth=f"Bearer {token}")
     path = cache.fetch("huggingface.co/o/private")
     assert same_bytes(path, data)
-    for route in ("/api/models/o/private/tree/main", "/o/private/resolve/main/lora.safetensors"):
+    for route in ("/api/models/o/private/revision/main", f"/api/models/o/private/tree/{commit}", resolve):
         assert hub.headers_for(route)[0]["authorization"] == f"Bearer {token}"
     assert "authorization" not in hub.headers_for(cdn)[0]
     assert cache.fetch("huggingface.co/o/private") == path  # the deployment's token is lent to every request
@@ -394,10 +395,12 @@ def test_lora_hf_token_goes_to_the_hf_endpoint_only(env, hub, cache):
 def test_operator_falls_back_to_hf_token_and_its_entries_are_not_lent(env, hub, cache):
     env.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
     data = lora_bytes(11)
-    hub.hf_repo("o/main", {"lora.safetensors": data}, token=SECRETS["HF_TOKEN"])
+    commit = hub.hf_repo("o/main", {"lora.safetensors": data}, token=SECRETS["HF_TOKEN"])
     path = cache.fetch("huggingface.co/o/main", operator=True)
     assert same_bytes(path, data)
-    assert hub.headers_for("/o/main/resolve/main/lora.safetensors")[0]["authorization"].endswith(SECRETS["HF_TOKEN"])
+    assert hub.headers_for(f"/o/main/resolve/{commit}/lora.safetensors")[0]["authorization"].endswith(
+        SECRETS["HF_TOKEN"]
+    )
     with pytest.raises(UserError, match="401"):  # a request does not get what HF_TOKEN fetched
         cache.fetch("huggingface.co/o/main")
     assert cache.fetch("huggingface.co/o/main", operator=True) == path
@@ -406,16 +409,17 @@ def test_operator_falls_back_to_hf_token_and_its_entries_are_not_lent(env, hub, 
 def test_a_users_hf_token_wins_and_its_loras_stay_its_own(env, hub, cache, caplog):
     env.setenv("LORA_HF_TOKEN", SECRETS["LORA_HF_TOKEN"])
     data = lora_bytes(12)
-    hub.hf_repo("o/mine", {"lora.safetensors": data}, token=USER_HF)
+    commit = hub.hf_repo("o/mine", {"lora.safetensors": data}, token=USER_HF)
     mine = UserTokens(huggingface=USER_HF)
     with caplog.at_level(logging.DEBUG):
         path = cache.fetch("huggingface.co/o/mine", mine)
     assert same_bytes(path, data)
     sent = {h.get("authorization") for p, h in hub.requests if not p.startswith("/cdn/")}
     assert sent == {f"Bearer {USER_HF}"}
-    hits = hub.hits("/cdn/o/mine/main/lora.safetensors")
+    hits = hub.hits(f"/cdn/o/mine/{commit}/lora.safetensors")
+    assert hits == 1
     assert cache.fetch("huggingface.co/o/mine", UserTokens(huggingface=USER_HF)) == path
-    assert hub.hits("/cdn/o/mine/main/lora.safetensors") == hits
+    assert hub.hits(f"/cdn/o/mine/{commit}/lora.safetensors") == hits
     errors = []
     for tokens in (None, UserTokens(), UserTokens(huggingface="hf_someone_else"), UserTokens(civitai=USER_HF)):
         with pytest.raises(UserError, match="401") as e:
@@ -428,10 +432,10 @@ def test_a_users_hf_token_wins_and_its_loras_stay_its_own(env, hub, cache, caplo
 
 def test_a_token_holder_may_use_what_anyone_may_have(env, hub, cache):
     data = lora_bytes(13)
-    hub.hf_repo("o/public", {"lora.safetensors": data})
+    commit = hub.hf_repo("o/public", {"lora.safetensors": data})
     path = cache.fetch("huggingface.co/o/public")
     assert cache.fetch("huggingface.co/o/public", UserTokens(huggingface=USER_HF)) == path
-    assert hub.hits("/cdn/o/public/main/lora.safetensors") == 1
+    assert hub.hits(f"/cdn/o/public/{commit}/lora.safetensors") == 1
 
 
 def test_a_malformed_user_token_is_refused_before_any_request(env, hub, cache):
@@ -455,12 +459,70 @@ def test_hf_errors(env, hub, cache):
         cache.fetch("huggingface.co/o/private")
     with pytest.raises(UserError, match="404"):
         cache.fetch("huggingface.co/o/missing")
-    hub.add("/o/gated/resolve/main/lora.safetensors", status=403, headers={"X-Error-Code": "GatedRepo"})
+    commit = "0" * 40  # a gated repo's metadata is public, its files are not
+    hub.add("/api/models/o/gated/revision/main", json.dumps({"sha": commit}).encode())
+    hub.add(f"/o/gated/resolve/{commit}/lora.safetensors", status=403, headers={"X-Error-Code": "GatedRepo"})
     with pytest.raises(UserError, match="gated.*token"):
         cache.fetch("https://huggingface.co/o/gated/resolve/main/lora.safetensors")
 
 
+def test_a_moving_hugging_face_branch_is_served_at_its_new_commit_after_the_ttl(env, cache, tmp_path, caplog):
+    """huggingface.co/owner/repo names a branch: the commit it names is asked at most every LORA_RESOLVE_TTL
+    seconds and the file is cached by that commit, so a push is served within the TTL (on every replica),
+    and the log says which commit a request used. The hub (tests/fake_hub.py) moves `main` when its files change."""
+    from fake_hub import FakeHub
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "lora.safetensors").write_bytes(lora_bytes(20))
+    with FakeHub({"someone/style": repo}) as moving:
+        env.setenv("HF_ENDPOINT", moving.url)
+        env.setenv("LORA_RESOLVE_TTL", "1")
+        before = moving.commit("someone/style")
+        with caplog.at_level(logging.INFO, logger="loras.cache"):
+            first = cache.fetch("huggingface.co/someone/style")
+        assert same_bytes(first, lora_bytes(20))
+        assert f"LoRA huggingface.co/someone/style: main is commit {before}" in caplog.text
+        (repo / "lora.safetensors").write_bytes(lora_bytes(21))  # a push: main moves
+        after = moving.commit("someone/style")
+        asked = len(moving.requests)
+        assert cache.fetch("huggingface.co/someone/style") == first  # within the TTL: the commit known
+        assert len(moving.requests) == asked  # nothing asked
+        time.sleep(1.05)
+        with caplog.at_level(logging.INFO, logger="loras.cache"):
+            moved = cache.fetch("huggingface.co/someone/style")
+        assert moved != first and same_bytes(moved, lora_bytes(21))
+        assert f"main moved from {before[:12]} to {after[:12]}" in caplog.text
+        time.sleep(1.05)  # after the TTL, no push: one question, no download
+        downloads = len(moving.resolved())
+        assert cache.fetch("huggingface.co/someone/style") == moved
+        assert len(moving.resolved()) == downloads
+    # the hub is gone: the last commit known is served, with a warning
+    time.sleep(1.05)
+    with caplog.at_level(logging.WARNING, logger="loras.cache"):
+        assert cache.fetch("huggingface.co/someone/style") == moved
+    assert "serving the last known one" in caplog.text
+
+
 # ---------------------------------------------------------------- CivitAI
+
+
+def test_a_civitai_models_newest_version_is_asked_again_after_the_ttl(env, hub, cache, caplog):
+    """civitai.com/models/<id> names the newest version: it is cached by that version (the same entry as the
+    version's own link) and asked again at most every LORA_RESOLVE_TTL seconds."""
+    env.setenv("LORA_RESOLVE_TTL", "1")
+    first, second = lora_bytes(30), lora_bytes(31)
+    hub.civitai_model(5, [(50, first)])
+    with caplog.at_level(logging.INFO, logger="loras.cache"):
+        old = cache.fetch("https://civitai.com/models/5")
+    assert same_bytes(old, first) and "civitai model 5: the newest version is version 50" in caplog.text
+    assert cache.fetch("https://civitai.com/api/download/models/50") == old  # one entry for one version
+    hub.civitai_model(5, [(51, second), (50, first)])  # a new version is published
+    assert cache.fetch("https://civitai.com/models/5") == old  # within the TTL
+    time.sleep(1.05)
+    with caplog.at_level(logging.INFO, logger="loras.cache"):
+        new = cache.fetch("https://civitai.com/models/5")
+    assert same_bytes(new, second) and "the newest version moved from 50 to 51" in caplog.text
 
 
 def test_civitai_model_id_resolves_to_its_newest_version(env, hub, cache):
@@ -586,8 +648,8 @@ def test_the_total_deadline_holds_against_a_byte_trickle(env, hub, cache):
 
 def test_the_total_deadline_holds_for_the_api_calls(env, hub, cache):
     env.setenv("LORA_DOWNLOAD_TOTAL_TIMEOUT", "0.6")
-    hub.hf_repo("o/slow", {"lora.safetensors": lora_bytes()})
-    hub.add("/api/models/o/slow/tree/main", hub.routes["/api/models/o/slow/tree/main"].body, **TRICKLE)
+    commit = hub.hf_repo("o/slow", {"lora.safetensors": lora_bytes()})
+    hub.add(f"/api/models/o/slow/tree/{commit}", hub.routes[f"/api/models/o/slow/tree/{commit}"].body, **TRICKLE)
     assert_deadline(cache, "huggingface.co/o/slow", time.monotonic())
     hub.civitai_model(3, [(30, lora_bytes())])
     hub.add("/api/v1/models/3", hub.routes["/api/v1/models/3"].body, **TRICKLE)
