@@ -138,6 +138,40 @@ def test_lora_swaps_across_requests_never_recompile(compiled, caplog):
     assert len(set(firsts)) == len(firsts)
 
 
+def test_lokr_and_lora_switches_never_recompile(compiled, tiny_weights):
+    """LyCORIS LoKr (written into the weights: the compiled graph reads the same tensors) switched with LoRAs
+    (on the adapter), as the extra or the per-request fine-tune, with a T5 part (T5 is not compiled)."""
+    from diffusers import FluxTransformer2DModel
+
+    run, runner, loras = compiled
+    folder = Path(loras["diffusers-r4"]).parent
+    fresh = FluxTransformer2DModel.from_pretrained(Path(tiny_weights) / "FLUX.1-dev" / "transformer")
+    lokr = str(fx.lycoris_file(fresh, "lokr-decomposed", folder / "lokr.safetensors", seed=21))
+    lokr_whole = str(fx.lycoris_file(fresh, "lokr-full-w2", folder / "lokr-whole.safetensors", seed=22))
+    t5 = fx.t5_lora(runner.models.get("dev", "txt2img").text_encoder_2, "onetrainer", seed=23)
+    t5 = str(t5.write(folder / "t5.safetensors"))
+    requests = [
+        {"extra_lora": lokr},
+        {"extra_lora": loras["diffusers-r4"]},
+        {"replicate_weights": lokr_whole, "extra_lora": loras["kohya-r16-clip"]},  # a LoKr fine-tune + a LoRA
+        {"extra_lora": f"{lokr}, {t5}"},
+        {"extra_lora": lokr_whole, "model": "schnell", "num_outputs": 2},
+        {"replicate_weights": loras["comfyui-r12"], "extra_lora": lokr, "extra_lora_scale": -0.5},
+        {"lora_scale": 0},
+        {"extra_lora": lokr},  # back to the first: same output as the first time
+    ]
+    before = graphs()
+    outputs = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for request in requests:
+            outputs.append(pixels(run(**{"num_inference_steps": 2, **SIZE, **request})))
+    assert graphs() == before, "a LoKr ↔ LoRA switch compiled a new graph"
+    assert (outputs[0][0] == outputs[-1][0]).all()
+    firsts = [out[0].tobytes() for out in outputs[:7]]
+    assert len(set(firsts)) == len(firsts)  # each one changed the picture
+    assert runner.loras.deltas.pristine  # the last LoKr is in the weights now
+
+
 def test_switching_rank_buckets_never_recompiles(compiled):
     # The main region holds 16 ranks (the main LoRA is rank 4, counted as 8), the extra region 16:
     # buckets of 16 and 32 ranks, both warmed up; the span's position moves too.
@@ -270,37 +304,3 @@ def test_inductor_serves_every_rank_bucket_without_recompiling(tmp_path, monkeyp
         assert graphs() == before, "a rank bucket switch compiled a new graph"
     finally:
         torch._dynamo.reset()
-
-
-def test_lokr_and_lora_switches_never_recompile(compiled, tiny_weights):
-    """LyCORIS LoKr (written into the weights: the compiled graph reads the same tensors) switched with LoRAs
-    (on the adapter), as the extra or the per-request fine-tune, with a T5 part (T5 is not compiled)."""
-    from diffusers import FluxTransformer2DModel
-
-    run, runner, loras = compiled
-    folder = Path(loras["diffusers-r4"]).parent
-    fresh = FluxTransformer2DModel.from_pretrained(Path(tiny_weights) / "FLUX.1-dev" / "transformer")
-    lokr = str(fx.lycoris_file(fresh, "lokr-decomposed", folder / "lokr.safetensors", seed=21))
-    lokr_whole = str(fx.lycoris_file(fresh, "lokr-full-w2", folder / "lokr-whole.safetensors", seed=22))
-    t5 = fx.t5_lora(runner.models.get("dev", "txt2img").text_encoder_2, "onetrainer", seed=23)
-    t5 = str(t5.write(folder / "t5.safetensors"))
-    requests = [
-        {"extra_lora": lokr},
-        {"extra_lora": loras["diffusers-r4"]},
-        {"replicate_weights": lokr_whole, "extra_lora": loras["kohya-r16-clip"]},  # a LoKr fine-tune + a LoRA
-        {"extra_lora": f"{lokr}, {t5}"},
-        {"extra_lora": lokr_whole, "model": "schnell", "num_outputs": 2},
-        {"replicate_weights": loras["comfyui-r12"], "extra_lora": lokr, "extra_lora_scale": -0.5},
-        {"lora_scale": 0},
-        {"extra_lora": lokr},  # back to the first: same output as the first time
-    ]
-    before = graphs()
-    outputs = []
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for request in requests:
-            outputs.append(pixels(run(**{"num_inference_steps": 2, **SIZE, **request})))
-    assert graphs() == before, "a LoKr ↔ LoRA switch compiled a new graph"
-    assert (outputs[0][0] == outputs[-1][0]).all()
-    firsts = [out[0].tobytes() for out in outputs[:7]]
-    assert len(set(firsts)) == len(firsts)  # each one changed the picture
-    assert runner.loras.deltas.pristine  # the last LoKr is in the weights now
