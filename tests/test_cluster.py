@@ -412,7 +412,9 @@ def test_an_async_prediction_reports_to_its_webhook(cluster, rx):
 def test_progress_the_stream_and_metrics_through_the_clusters_front(cluster, rx):
     """The replicas' Cog servers report to their replica, which streams it to the front: a record's
     progress, its SSE stream and the metrics are the same on the cluster as on one server."""
-    body = {"id": "progress-1", "input": {"prompt": "steps", **SMALL, "num_inference_steps": 24, "width": 512}}
+    # long enough for several of coglet's webhooks (about one every 0.5 s) while it denoises
+    long = {"num_inference_steps": 40, "width": 1024, "height": 1024}
+    body = {"id": "progress-1", "input": {"prompt": "steps", **SMALL, **long}}
     assert requests.post(cluster.url + "/predictions", json=body, headers={"Prefer": "respond-async"}, timeout=30).ok
     seen = []
     with requests.get(cluster.url + "/predictions/progress-1/stream", stream=True, timeout=120) as response:
@@ -421,8 +423,8 @@ def test_progress_the_stream_and_metrics_through_the_clusters_front(cluster, rx)
                 seen.append(json.loads(line[6:]))
     assert seen[-1]["status"] == "succeeded"
     steps = [r["progress"]["done"] for r in seen if r.get("progress") and r["progress"]["stage"] == "generate"]
-    assert any(0 < done < 24 for done in steps), [r.get("progress") for r in seen]
-    assert "step 24/24" in seen[-1]["logs"]
+    assert any(0 < done < 40 for done in steps), [r.get("progress") for r in seen]
+    assert "step 40/40" in seen[-1]["logs"]
     text = requests.get(cluster.url + "/metrics", timeout=30).text
     assert f'model_servers{{state="READY"}} {float(REPLICAS)}' in text or 'model_servers{state="BUSY"}' in text
     assert 'prediction_stage_seconds_count{stage="generate"}' in text

@@ -111,7 +111,7 @@ def test_missing_part_is_downloaded_through_hf_endpoint(tiny_weights, hub, tmp_p
     assert not [r.path for r in hub.requests if BIG["FLUX.1-schnell"] in r.path]
     # Progress is in the logs.
     assert f"downloading FLUX.1-schnell from {hub.url}/{SCHNELL}" in proc.stderr
-    assert "Fetching 3 files" in proc.stderr
+    assert f"Fetching {len(contents(tiny_weights / 'FLUX.1-schnell'))} files" in proc.stderr
 
     from diffusers import FluxTransformer2DModel
 
