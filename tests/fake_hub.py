@@ -95,7 +95,9 @@ class FakeHub:
 
     def files(self, repo_id: str) -> dict[str, Path]:
         root = self.repos[repo_id]
-        return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        # Dot files are the local tree's own bookkeeping (model_weights keeps `.model-hash.json` there).
+        files = (p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("."))
+        return {p.relative_to(root).as_posix(): p for p in files}
 
     def commit(self, repo_id: str) -> str:
         digest = hashlib.sha1()

@@ -70,7 +70,9 @@ def env(hub, monkeypatch, tmp_path):
     monkeypatch.setenv("REPLICATE_ENDPOINT", hub.url)
     monkeypatch.setenv("CIVITAI_ENDPOINT", hub.url)
     monkeypatch.setenv("LORA_ALLOW_PRIVATE_URLS", "1")
-    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "0.5")
+    # a silent read is given up after 2 s: long enough for a test hub on a loaded 2-core machine
+    # (0.5 s timed out a healthy answer there), short enough for the hang tests
+    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "2")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     return monkeypatch
 
@@ -586,7 +588,7 @@ def test_each_failure_has_its_own_clear_error(env, hub, cache):
     hub.add("/zip.safetensors", b"PK\x03\x04" + b"\0" * 100)
     hub.add("/pickle.safetensors", b"\x80\x02}q\x00." + b"\0" * 20)
     hub.add("/forbidden.safetensors", status=403)
-    hub.add("/slow.safetensors", lora_bytes(), delay=1.5)
+    hub.add("/slow.safetensors", lora_bytes(), delay=4)  # past the 2 s read timeout
     hub.add("/cut.safetensors", lora_bytes(size=512), truncate=300)
     hub.add("/big.safetensors", lora_bytes(size=512))
     hub.add("/damaged.tar", tar_bytes({"lora.safetensors": lora_bytes(size=512)})[:1000])
@@ -597,7 +599,7 @@ def test_each_failure_has_its_own_clear_error(env, hub, cache):
         ("pickle.safetensors", "pickle, which is never loaded"),
         ("forbidden.safetensors", "HTTP 403, access denied"),
         ("missing.safetensors", "HTTP 404, not found"),
-        ("slow.safetensors", "timed out after 0.5 s"),
+        ("slow.safetensors", "timed out after 2 s"),
         ("cut.safetensors", "cut short|connection broke"),
         ("damaged.tar", "damaged or truncated|not a safetensors"),
         ("loop.safetensors", "too many redirects"),

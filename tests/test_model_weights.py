@@ -86,7 +86,9 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def contents(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """The part's files (not the tree's own bookkeeping: model_weights' `.model-hash.json`)."""
+    files = (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
 
 
 def refused_endpoint() -> str:
