@@ -55,6 +55,16 @@ class Predictor(BaseRunner):
         self.heap = workarounds.HeapTrim(enabled=in_worker)  # after each prediction, if memory grew
         workarounds.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
         started = time.perf_counter()
+        self.model_thread = workarounds.ModelThread()  # every call into the models runs there
+        self.model_thread.call(self.load, weights)
+        self.outputs = OutputWriter()  # its last folder goes when the process exits
+        self.inputs = workarounds.InputDownloads()
+        if in_worker:
+            self.inputs.isolate()  # last: from here on Python's temp files go to this worker's folder
+        logger.info("setup done in %.1f s", time.perf_counter() - started)
+
+    def load(self, weights: str | None) -> None:
+        """The models, the safety checker and the deployment's LoRA (on the model thread)."""
         from pipelines import FluxModels, device_and_dtype  # after configure_logging (workarounds.py)
 
         root = model_weights.weights_dir()
@@ -82,11 +92,6 @@ class Predictor(BaseRunner):
             )
         if device.type == "cuda":
             self.compile(warmup_sizes=[ASPECT_RATIOS["1:1"], ASPECT_RATIOS["16:9"]])
-        self.outputs = OutputWriter()  # its last folder goes when the process exits
-        self.inputs = workarounds.InputDownloads()
-        if in_worker:
-            self.inputs.isolate()  # last: from here on Python's temp files go to this worker's folder
-        logger.info("setup done in %.1f s", time.perf_counter() - started)
 
     def compile(self, warmup_sizes: list[tuple[int, int]]) -> None:
         """The GPU fast path, after the LoRA adapter exists so that LoRA swaps never recompile; warmed
@@ -211,6 +216,10 @@ class Predictor(BaseRunner):
             default=None,
         ),
     ) -> list[Path]:
+        if not self.model_thread.is_current():  # Cog's thread: the same call, on the model thread
+            arguments = dict(locals())
+            del arguments["self"]
+            return self.model_thread.call(self.run, **arguments)
         with user_errors(), self.heap:
             # 1. Check inputs; pick the mode, the pipeline, the sizes and the seeds.
             self.inputs.check_local(image=image, mask=mask)

@@ -12,6 +12,7 @@ benchmarks) leaves its process as it found it, except for the logging configurat
 from __future__ import annotations
 
 import atexit
+import contextvars
 import ctypes
 import ctypes.util
 import logging
@@ -23,13 +24,17 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TypeVar
 
 from errors import UserError
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
 def in_cog_worker() -> bool:
@@ -192,6 +197,62 @@ class HeapTrim:
             (rss - self._level) >> 20,
             (time.perf_counter() - started) * 1000,
         )
+
+
+class ModelThread:
+    """Every call into the models on one thread of ours, so that PyTorch's CPU work runs at full speed.
+
+    Cog 0.23.1 runs setup() on its worker's main thread and each predict() on one of its runtime's
+    threads, a different one from request to request. PyTorch's CPU ops run on OpenMP (libgomp),
+    which keeps a team of threads for each thread that calls it; once the process holds more of
+    those than it has CPUs, libgomp stops spinning between parallel regions and every op wakes its
+    team from sleep (`gomp_throttled_spin_count_var`, libgomp's wait.h). Measured on 2 cores, the
+    tiny pipeline at 256² took 65–76 ms in Cog's worker against 42–44 ms in a plain process, as slow
+    as one thread (61 ms); run here, 46 ms (bench/README.md, "The fixed tax"). Can go when coglet
+    calls predict() from one thread.
+
+    `call(fn, ...)` runs `fn` here in the caller's context (Cog's current prediction: its logs and
+    metrics) and returns its result or raises its exception. A cancel: coglet raises
+    CancelationException in the thread running predict() (PyThreadState_SetAsyncExc). The caller
+    waits in short slices so that it receives it, raises the same exception here the same way, and
+    waits for this thread to unwind before raising it, so that no prediction runs beside a
+    canceled one.
+    """
+
+    POLL_S = 0.05  # how soon a waiting caller receives an exception raised in it
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._ident = self._pool.submit(threading.get_ident).result()
+
+    def is_current(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def call(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
+        if self.is_current():
+            return fn(*args, **kwargs)
+        future = self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=self.POLL_S)
+                except TimeoutError:
+                    continue
+        except BaseException as error:
+            if not future.done():
+                _raise_in_thread(self._ident, type(error))
+                while not future.done():
+                    try:
+                        wait([future])
+                    except BaseException:  # noqa: S112  (a second exception while it unwinds: keep waiting)
+                        continue
+            raise
+
+
+def _raise_in_thread(ident: int, exception: type[BaseException]) -> None:
+    """Raise `exception` in the Python thread `ident` at its next bytecode, as coglet cancels predict()."""
+    prototype = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)
+    prototype(("PyThreadState_SetAsyncExc", ctypes.pythonapi))(ident, exception)
 
 
 def other_allocator() -> str | None:
