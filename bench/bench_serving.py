@@ -1,7 +1,8 @@
 """1. Serving overhead.
 
 `run_http` (the headline, as users compare): our Cog server over real HTTP against a bare diffusers
-FluxPipeline + PIL save in a default process of its own (bench/bare_pipeline.py).
+FluxPipeline + PIL save in a default process of its own (bench/bare_pipeline.py); and the public front
+(`make serve`: front/ with its Cog server behind it), what strangers reach.
 
 `run` (in-process): a full Predictor.run against the bare diffusers call + saving the same file, both
 in this process (so they share its allocator and environment).
@@ -201,6 +202,8 @@ class HttpServer:
             if found:
                 value = float(found[-1])
                 answer[key] = value / 1000 if key.startswith("lora_") else value
+        if "generate_time" in (payload.get("metrics") or {}):  # the same, to 0.1 ms (the log line: 10 ms)
+            answer["generate_s"] = payload["metrics"]["generate_time"]
         return answer
 
     def worker_rss_mib(self) -> float:
@@ -214,6 +217,19 @@ class HttpServer:
     def close(self) -> None:
         self.session.close()
         self.server.__exit__(None, None, None)
+
+
+class FrontHttp(HttpServer):
+    """`python -m front` as `make serve` starts it (tests' FrontServer: the public front, its Cog server
+    behind it on a loopback port, the serving environment of `make serve`), the same sync POST."""
+
+    def __init__(self, tree: Path):
+        from front_server import FrontServer
+
+        self.server = FrontServer(tree, env={"LOG_LEVEL": "INFO", **serve_env()})
+        self.server.__enter__()
+        self.server.wait_ready()
+        self.session = requests.Session()
 
 
 def http_inputs(size: int, steps: int) -> dict:
@@ -245,13 +261,18 @@ def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4
     """Figure 1 as users compare: our server over real HTTP vs a bare FluxPipeline + PIL save in a
     default process of its own, interleaved, lora_scale=0, no safety checker, png, seed 1."""
     server = HttpServer(tree)
+    front = FrontHttp(tree)
     bare = BareProcess(tree)
     # And the bare pipeline with the server's allocator (make serve's preload): the serving cost alone.
     same = BareProcess(tree, env=serve_env()) if serve_env() else None
     try:
         results: dict = {"steps": steps, "rounds": rounds, "allocator": serve_env().get("LD_PRELOAD"), "sizes": {}}
         for size in sizes:
-            cases = {"http": lambda s=size: server(s, steps), "bare": lambda s=size: bare(s, steps)}
+            cases = {
+                "http": lambda s=size: server(s, steps),
+                "front": lambda s=size: front(s, steps),
+                "bare": lambda s=size: bare(s, steps),
+            }
             if same:
                 cases["bare, same allocator"] = lambda s=size: same(s, steps)
             answers = interleaved_calls(cases, rounds=rounds)
@@ -282,6 +303,14 @@ def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4
                 )
                 if same
                 else None,
+                "ratio front / bare, same allocator": paired_ratio(
+                    [a["total_s"] for a in answers["front"]], [a["total_s"] for a in answers["bare, same allocator"]]
+                )
+                if same
+                else None,
+                "ratio front / http": paired_ratio(
+                    [a["total_s"] for a in answers["front"]], [a["total_s"] for a in http]
+                ),
                 "ratio pipeline: ours / bare": paired_ratio(
                     [a["generate_s"] for a in http], [a["pipe_s"] for a in base]
                 ),
@@ -294,6 +323,7 @@ def run_http(tree: Path, *, sizes: tuple[int, ...] = (1024, 256), steps: int = 4
         return results
     finally:
         server.close()
+        front.close()
         bare.close()
         if same:
             same.close()

@@ -74,9 +74,18 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
                         "tcmalloc on both sides",
                     )
                 )
+            if fig.get("ratio front / bare, same allocator"):
+                rows.append(
+                    (
+                        f"   … through the public front (make serve: front + Cog, {size}²) / the same bare process",
+                        f"{fig['ratio front / bare, same allocator']:.3f}",
+                        "≤ 1.05" if size == "1024" else "",
+                        f"front / Cog alone {fig['ratio front / http']:.3f}",
+                    )
+                )
             rows.append(
                 (
-                    "   … pipeline only: our 'generated … in' / bare pipe()",
+                    "   … pipeline only: our generate_time / bare pipe()",
                     f"{fig['ratio pipeline: ours / bare']:.3f}",
                     "",
                     f"{st['pipeline']:.3f} s vs {st['bare_pipeline']:.3f} s",
@@ -185,7 +194,8 @@ def _rows(results: dict) -> list[tuple[str, str, str, str]]:
                     f"{fig['4 / 1']:.2f}",
                     "≤ 2" if fmt != "jpg" else "",
                     f"{ms['4']:.0f} ms vs {ms['1']:.0f} ms, {fig['cores used by 4']:.1f} cores busy; one after "
-                    f"another (before): {fig['4 serial / 1']:.2f} ({ms['4 serial']:.0f} ms); "
+                    f"another (before): {fig['4 serial / 1']:.2f} ({ms['4 serial']:.0f} ms); the machine's floor "
+                    f"(the same in {min(4, e['cpus'])} processes): {fig['4 processes / 1']:.2f}; "
                     f"load {e['load_average'][0]:.1f}",
                 )
             )
