@@ -1,5 +1,5 @@
-"""Workarounds for the software the predictor runs on: Cog 0.23.1 (coglet), glibc, and the log output
-of transformers 5.23 and diffusers 0.42.1.
+"""Workarounds for the software the predictor runs on: Cog 0.23.1 (coglet), glibc, libgomp, and the log
+output of transformers 5.23 and diffusers 0.42.1.
 
 Each says what upstream does, what we do about it, and how to tell when it can go.
 
