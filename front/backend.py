@@ -57,7 +57,10 @@ class CogBackend:
     async def run(self, prediction_id: str, inputs: dict, on_event: OnEvent) -> dict:
         body = {"id": prediction_id, "input": inputs}
         if self.events_url is not None:
+            # Progress only: the answer to this request carries the outcome, and a "completed" event
+            # would carry every output again (3.4 MB for a 1 MP png) for the front to parse twice.
             body["webhook"] = self.events_url(prediction_id)
+            body["webhook_events_filter"] = ["start", "logs"]
         path = f"{self.url}/predictions/{quote(prediction_id, safe='')}"
         deadline = time.monotonic() + self.busy_retry_s
         while True:
