@@ -51,8 +51,11 @@ import torch
 
 from errors import UserError
 from loras.deltas import Delta
+from untrusted import printable
 
 logger = logging.getLogger(__name__)
+
+ERROR_CHARS = 1_000  # an error about a file: its own tensor names, escaped, never cut short of the point
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]), ΔW = B @ A
 Shapes = dict[str, dict[str, tuple[int, int]]]  # component → module → (out, in)
@@ -464,21 +467,22 @@ def parse_lora(path: Path, label: str, shapes: Shapes, max_rank: int, digest: st
 
     from loras.files import check_safetensors
 
+    # Errors quote the file's own tensor names: printable() keeps each one line (no forged log lines).
     try:
         check_safetensors(path)  # the header alone first: dtypes, offsets, size (also for the operator's main)
     except UserError as e:
-        raise UserError(f"LoRA {label}: {e}.") from None
+        raise UserError(f"LoRA {label}: {printable(e, ERROR_CHARS)}.") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         state_dict = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"LoRA {label}: cannot read it as safetensors ({e}).") from e
+        raise UserError(f"LoRA {label}: cannot read it as safetensors ({printable(e, ERROR_CHARS)}).") from e
     digest = digest or file_digest(path)
     try:
         lora = _parse(label, digest, state_dict, metadata, shapes, max_rank)
     except UserError as e:
-        raise UserError(f"LoRA {label}: {e}.") from e
+        raise UserError(f"LoRA {label}: {printable(e, ERROR_CHARS)}.") from e
     return lora
 
 

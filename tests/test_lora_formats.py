@@ -584,3 +584,13 @@ def test_t5_parts_parse_to_their_delta_when_the_server_has_t5(tiny, tmp_path, st
     assert set(got) == set(lora.deltas) and parsed.applied["t5"] == len(lora.tensors)
     for name, delta in lora.deltas.items():
         torch.testing.assert_close(got[name], delta, rtol=1e-5, atol=1e-6)
+
+
+def test_a_files_own_tensor_names_stay_one_escaped_line_in_its_error(tiny, tmp_path):
+    """Names come from the file: a newline or a terminal escape in one must not forge a log line."""
+    key = "lora_unet_x\nINFO prediction succeeded\x1b[2J.lora_down.weight"
+    with pytest.raises(UserError) as raised:
+        _parse(tiny, tmp_path, {key: torch.zeros(4, 8)})
+    message = str(raised.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "lora_unet_x\\nINFO prediction succeeded\\x1b[2J" in message
