@@ -89,8 +89,9 @@ def test_a_prediction_runs_from_the_page_with_progress_and_its_seed(front, brows
     assert field(browser, "disable_safety_checker").get_attribute("type") == "checkbox"
     field(browser, "prompt").send_keys("an ascii art lighthouse")
     Select(field(browser, "aspect_ratio")).select_by_value("custom")
-    set_value(browser, "width", 512)
-    set_value(browser, "height", 512)
+    # Long enough (≈ 6 s on 2 cores) for several of coglet's progress webhooks, 0.5 s apart.
+    set_value(browser, "width", 1024)
+    set_value(browser, "height", 1024)
     set_value(browser, "num_inference_steps", 40)
     set_value(browser, "seed", 1234)
     browser.find_element(By.ID, "run").click()
